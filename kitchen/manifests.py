@@ -1,0 +1,100 @@
+"""The small typed records that assets return: where things are and what they hash to, never weights."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BaseModelManifest(Manifest):
+    """A resolved base model: what the backend is asked for and where its tokenizer lives."""
+
+    name: str = Field(description="The name the user gave (a Hub id, a path, or the packaged default).")
+    source: Literal["packaged-gguf", "hub", "local", "tinker"]
+    backend_model: str = Field(description="What the training backend's create_lora_training_client takes.")
+    path: str | None = Field(default=None, description="Local directory with config, weights, tokenizer.")
+    tokenizer_path: str = Field(description="Directory (or Hub id) AutoTokenizer loads the tokenizer from.")
+    content_hash: str
+    revision: str | None = None
+    num_parameters: int | None = None
+    architecture: str | None = None
+
+
+class DatasetManifest(Manifest):
+    """A dataset normalised to chat ``messages`` with train and test splits, saved with ``save_to_disk``."""
+
+    name: str
+    source: Literal["builtin", "hub", "local-dir", "jsonl", "data-files"]
+    path: str
+    revision: str | None = Field(default=None, description="Hub revision sha, or None for local sources.")
+    content_hash: str
+    schema_found: str
+    train_rows: int
+    test_rows: int
+    skipped_rows: dict[str, int] = Field(default_factory=dict)
+    test_split_source: Literal["source", "seeded-split"] = "source"
+
+
+class DatumsManifest(Manifest):
+    """Tokenised ``tinker.types.Datum`` rows stored as Parquet, one file per split."""
+
+    train_path: str
+    test_path: str
+    content_hash: str
+    tokenizer_hash: str
+    num_datums: int
+    num_test_datums: int
+    num_tokens: int
+    trained_tokens: int
+    max_length: int
+    train_on: str
+    truncated_rows: int
+    dropped_rows: dict[str, int] = Field(default_factory=dict)
+
+
+class CheckpointRef(Manifest):
+    step: int
+    path: str
+    kind: Literal["state", "sampler"]
+
+
+class CheckpointsManifest(Manifest):
+    """Training-state checkpoints (weights and optimizer state) written during one training run."""
+
+    checkpoints: list[CheckpointRef]
+    steps: int
+    epochs: int
+    final_loss: float
+    metrics_path: str
+    backend: str
+    run_name: str
+
+
+class WeightsManifest(Manifest):
+    """Final LoRA weights, saved for sampling: what evaluation and registration consume."""
+
+    sampler_path: str
+    state_path: str
+    base_model: str
+    backend: str
+    lora_rank: int
+    steps: int
+    final_loss: float
+    content_hash: str
+    hyperparameters: dict[str, float | int | str] = Field(default_factory=dict)
+
+
+class EvalManifest(Manifest):
+    """Base vs trained metrics on the held-out split."""
+
+    report_path: str
+    primary_metric: str
+    base: dict[str, float]
+    trained: dict[str, float]
+    num_examples: int
+    seconds: float
