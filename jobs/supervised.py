@@ -1,0 +1,26 @@
+"""``supervised_job``: the whole supervised group, configured by one flat, validated run config."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from kitchen_assets.config import SupervisedRunConfig, split_run_config
+from kitchen_assets.supervised import SUPERVISED_OP_CONFIGS, WORKFLOW
+
+
+@dg.config_mapping
+def supervised_config(val: SupervisedRunConfig) -> dg.RunConfig:
+    """Validate the flat config at launch (ranges included) and split it into per-asset config."""
+    return dg.RunConfig(
+        ops=split_run_config(val, SUPERVISED_OP_CONFIGS),
+        loggers={"console": {"config": {"log_level": val.log_level}}},
+    )
+
+
+supervised_job = dg.define_asset_job(
+    name="supervised_job",
+    selection=dg.AssetSelection.groups(WORKFLOW),
+    config=supervised_config,
+    description="Supervised fine-tuning: base model + dataset -> datums -> LoRA training -> eval report.",
+    tags={"kitchen/workflow": WORKFLOW},
+)

@@ -1,0 +1,162 @@
+"""Asset factories shared by every workflow: base model, dataset and datums, keyed ``<workflow>/<name>``.
+
+Each workflow (supervised, dpo, rl, distillation) calls these with its own name, so the same kinds of
+asset exist once per workflow group with their own lineage and config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+
+from kitchen.data import build_datums, load_dataset_source, save_dataset, write_datums
+from kitchen.hashing import hash_json
+from kitchen.home import home_dir
+from kitchen.manifests import BaseModelManifest, DatasetManifest, DatumsManifest
+from kitchen_assets.config import DatasetConfig, DatumsConfig, ModelConfig
+from kitchen_assets.metadata import histogram_markdown, markdown_table
+from resources.training import TrainingBackend
+
+
+def load_tokenizer(base_model: BaseModelManifest):  # type: ignore[no-untyped-def]
+    """The tokenizer that renders datums and decodes samples for ``base_model``."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_model.tokenizer_path)
+
+
+def _preview_row(row: Mapping[str, Any]) -> dict[str, str]:
+    """One table row per conversation: its turns, role-tagged."""
+    turns = " / ".join(f"{m['role']}: {m['content']}" for m in row["messages"])
+    return {"conversation": turns, "answer": str(row.get("answer") or "")}
+
+
+def base_model_asset(workflow: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="base_model",
+        key_prefix=[workflow],
+        group_name=workflow,
+        kinds={"huggingface"},
+        description="The base model resolved to what the training backend loads (content-hashed).",
+    )
+    def base_model(
+        context: dg.AssetExecutionContext, config: ModelConfig, training: TrainingBackend
+    ) -> BaseModelManifest:
+        training.preflight()
+        manifest = training.resolve_base_model(config.model)
+        context.add_output_metadata(
+            {
+                "model": config.model,
+                "source": manifest.source,
+                "backend_model": manifest.backend_model,
+                "content_hash": manifest.content_hash,
+                "revision": manifest.revision or "",
+                "parameters": manifest.num_parameters or 0,
+                "architecture": manifest.architecture or "",
+                "path": dg.MetadataValue.path(manifest.path) if manifest.path else "",
+            }
+        )
+        return manifest
+
+    return base_model
+
+
+def dataset_asset(workflow: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="dataset",
+        key_prefix=[workflow],
+        group_name=workflow,
+        kinds={"huggingface"},
+        description="The dataset normalised to chat messages, with train and test splits (save_to_disk).",
+    )
+    def dataset(context: dg.AssetExecutionContext, config: DatasetConfig) -> DatasetManifest:
+        loaded = load_dataset_source(
+            config.dataset,
+            test_size=config.test_size,
+            seed=config.data_seed,
+            max_rows=config.max_rows,
+            revision=config.dataset_revision,
+        )
+        manifest = loaded.manifest(save_dataset(loaded))
+        context.add_output_metadata(
+            {
+                "dataset": config.dataset,
+                "source": manifest.source,
+                "schema": manifest.schema_found,
+                "revision_or_hash": manifest.revision or manifest.content_hash,
+                "train_rows": manifest.train_rows,
+                "test_rows": manifest.test_rows,
+                "test_split": manifest.test_split_source,
+                "skipped_rows": dg.MetadataValue.json(manifest.skipped_rows),
+                "preview": dg.MetadataValue.md(markdown_table([_preview_row(r) for r in loaded.preview])),
+                "path": dg.MetadataValue.path(manifest.path),
+            }
+        )
+        return manifest
+
+    return dataset
+
+
+def datums_asset(workflow: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="datums",
+        key_prefix=[workflow],
+        group_name=workflow,
+        kinds={"parquet"},
+        ins={
+            "base_model": dg.AssetIn(key=[workflow, "base_model"]),
+            "dataset": dg.AssetIn(key=[workflow, "dataset"]),
+        },
+        description="Rows rendered through the chat template into tinker Datums (Parquet, one file a split).",
+    )
+    def datums(
+        context: dg.AssetExecutionContext,
+        config: DatumsConfig,
+        base_model: BaseModelManifest,
+        dataset: DatasetManifest,
+    ) -> DatumsManifest:
+        from datasets import load_from_disk
+
+        tokenizer = load_tokenizer(base_model)
+        built = build_datums(
+            load_from_disk(dataset.path), tokenizer, train_on=config.train_on, max_length=config.max_length
+        )
+        key = hash_json([dataset.content_hash, base_model.content_hash, config.max_length, config.train_on])
+        out = home_dir("datums", workflow, key[:16])
+        train_path, test_path = out / "train.parquet", out / "test.parquet"
+        write_datums(train_path, built.train)
+        write_datums(test_path, built.test)
+        stats = built.stats
+        manifest = DatumsManifest(
+            train_path=str(train_path),
+            test_path=str(test_path),
+            content_hash=built.content_hash,
+            tokenizer_hash=base_model.content_hash,
+            num_datums=len(built.train),
+            num_test_datums=len(built.test),
+            num_tokens=stats.tokens,
+            trained_tokens=stats.trained_tokens,
+            max_length=config.max_length,
+            train_on=config.train_on,
+            truncated_rows=stats.truncated,
+            dropped_rows=dict(stats.dropped),
+        )
+        context.add_output_metadata(
+            {
+                "datums": manifest.num_datums,
+                "test_datums": manifest.num_test_datums,
+                "tokens": manifest.num_tokens,
+                "trained_tokens": manifest.trained_tokens,
+                "truncated_rows": manifest.truncated_rows,
+                "dropped_rows": dg.MetadataValue.json(manifest.dropped_rows),
+                "length_histogram": dg.MetadataValue.md(histogram_markdown(stats.length_histogram)),
+                "content_hash": manifest.content_hash,
+                "train_on": config.train_on,
+                "path": dg.MetadataValue.path(str(out)),
+            }
+        )
+        return manifest
+
+    return datums

@@ -1,0 +1,42 @@
+"""The Dagster ``Definitions`` that ``workspace.yaml``, ``dagster dev`` and the ``kitchen`` CLI load.
+
+``KITCHEN_BACKEND`` (``local`` by default) picks the training resource bound as ``training``; no asset
+code changes between backends.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from jobs.supervised import supervised_job
+from kitchen_assets.io import ManifestIOManager
+from kitchen_assets.supervised import supervised_assets
+from resources.training import LocalBackend, TrainingBackend
+
+
+def training_backend(name: str | None = None) -> TrainingBackend:
+    """The training resource for ``name`` (``local`` or ``tinker``)."""
+    name = (name or os.environ.get("KITCHEN_BACKEND") or "local").lower()
+    if name == "local":
+        return LocalBackend()
+    if name == "tinker":
+        from resources.tinker_backend import TinkerBackend
+
+        return TinkerBackend()
+    raise ValueError(f"unknown training backend {name!r}; expected 'local' or 'tinker'")
+
+
+def build_definitions(backend: str | None = None) -> dg.Definitions:
+    return dg.Definitions(
+        assets=[*supervised_assets],
+        jobs=[supervised_job],
+        resources={"training": training_backend(backend), "io_manager": ManifestIOManager()},
+        # Steps share one process: models loaded for training are reused by evaluation, and no step pays
+        # a re-import of the code location.
+        executor=dg.in_process_executor,
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,165 @@
+"""The whole supervised group, materialised in-process and through the CLIs, on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from kitchen.manifests import CheckpointsManifest, DatumsManifest, EvalManifest, WeightsManifest
+from kitchen_assets.config import SupervisedRunConfig, split_run_config
+from kitchen_assets.definitions import build_definitions
+from kitchen_assets.io import read_manifest
+from kitchen_assets.supervised import SUPERVISED_OP_CONFIGS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_run_config(model_dir: Path, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "model": str(model_dir),
+        "dataset": "kitchen/arithmetic",
+        "max_rows": 48,
+        "batch_size": 8,
+        "max_steps": 4,
+        "save_every": 2,
+        "learning_rate": 5e-3,
+        "lora_rank": 4,
+        "max_length": 64,
+        "eval_examples": 6,
+        "eval_max_tokens": 4,
+    }
+    config.update(overrides)
+    return config
+
+
+def _run_job(run_config: dict[str, Any]) -> dg.ExecuteInProcessResult:
+    job = build_definitions("local").get_job_def("supervised_job")
+    with dg.DagsterInstance.ephemeral() as instance:
+        return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
+
+
+def test_supervised_job_materialises_every_asset(tiny_model_dir: Path) -> None:
+    result = _run_job(tiny_run_config(tiny_model_dir))
+    assert result.success
+    materialised = {
+        tuple(e.asset_key.path) for e in result.get_asset_materialization_events() if e.asset_key is not None
+    }
+    assert materialised == {
+        ("supervised", name)
+        for name in ("base_model", "dataset", "datums", "checkpoints", "trained_weights", "eval_report")
+    }
+
+    datums = read_manifest(dg.AssetKey(["supervised", "datums"]))
+    assert isinstance(datums, DatumsManifest)
+    assert datums.num_datums > 0 and 0 < datums.trained_tokens < datums.num_tokens
+    assert Path(datums.train_path).is_file()
+
+    checkpoints = read_manifest(dg.AssetKey(["supervised", "checkpoints"]))
+    assert isinstance(checkpoints, CheckpointsManifest)
+    assert checkpoints.steps == 4
+    # save_every=2 over 4 steps: a mid-run state at step 2, then final state and sampler weights.
+    assert [(c.step, c.kind) for c in checkpoints.checkpoints] == [(2, "state"), (4, "state"), (4, "sampler")]
+    metrics = [json.loads(line) for line in Path(checkpoints.metrics_path).read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(m["tokens_per_second"] > 0 for m in metrics)
+
+    weights = read_manifest(dg.AssetKey(["supervised", "trained_weights"]))
+    assert isinstance(weights, WeightsManifest)
+    assert weights.sampler_path.startswith("file://")
+
+    report = read_manifest(dg.AssetKey(["supervised", "eval_report"]))
+    assert isinstance(report, EvalManifest)
+    for metrics_by_model in (report.base, report.trained):
+        assert {"nll", "perplexity", "exact_match", "f1"} <= metrics_by_model.keys()
+    assert report.base["nll"] != report.trained["nll"]
+    saved = json.loads(Path(report.report_path).read_text())
+    assert saved["base"] == report.base and saved["trained"] == report.trained
+
+    eval_meta = next(
+        e.materialization.metadata
+        for e in result.get_asset_materialization_events()
+        if e.asset_key == dg.AssetKey(["supervised", "eval_report"])
+    )
+    assert "| metric | base | trained | delta |" in eval_meta["comparison"].value
+
+
+def test_out_of_range_config_fails_at_launch_before_any_asset(tiny_model_dir: Path) -> None:
+    job = build_definitions("local").get_job_def("supervised_job")
+    with dg.DagsterInstance.ephemeral() as instance, pytest.raises(dg.DagsterConfigMappingFunctionError):
+        job.execute_in_process(run_config=tiny_run_config(tiny_model_dir, epochs=0), instance=instance)
+    assert not (Path(os.environ["KITCHEN_HOME"]) / "manifests").exists()
+
+
+def test_unknown_dataset_fails_naming_it(tiny_model_dir: Path) -> None:
+    result = _run_job(tiny_run_config(tiny_model_dir, dataset="no/such-dataset-anywhere"))
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert failure.step_failure_data is not None
+    assert "no/such-dataset-anywhere" in str(failure.step_failure_data.error)
+
+
+def test_cli_runs_supervised_and_prints_summary(tiny_model_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster")}
+    args = [
+        "--model", str(tiny_model_dir), "--max-rows", "32", "--batch-size", "8", "--max-steps", "2",
+        "--learning-rate", "0.005", "--lora-rank", "4", "--max-length", "64", "--eval-examples", "4",
+        "--eval-max-tokens", "4",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "kitchen.cli", "run", "supervised", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out evaluation" in proc.stdout
+    assert "exact_match" in proc.stdout and "nll" in proc.stdout
+    assert "step 2/2 loss" in proc.stderr  # progress lines from the training asset
+    # The run landed in the persistent instance the UI reads.
+    with dg.DagsterInstance.from_ref(dg.InstanceRef.from_dir(str(tmp_path / "dagster"))) as instance:
+        runs = instance.get_runs()
+        assert len(runs) == 1 and runs[0].job_name == "supervised_job"
+
+
+def test_cli_rejects_out_of_range_flags_before_work(tmp_path: Path) -> None:
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kitchen.cli", "run", "supervised", "--epochs", "0", "--learning-rate", "-1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "--epochs" in proc.stderr and "--learning-rate" in proc.stderr
+    assert not (tmp_path / "dagster").exists()
+
+
+def test_cli_help_documents_run() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "kitchen.cli", "run", "--help"], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0
+    for flag in ("--model", "--dataset", "--epochs", "--batch-size", "--learning-rate", "--lora-rank",
+                 "--max-length", "--max-steps", "--backend"):
+        assert flag in proc.stdout
+
+
+def test_dagster_asset_materialize_cli_on_tiny_config(tiny_model_dir: Path, tmp_path: Path) -> None:
+    flat = SupervisedRunConfig(**tiny_run_config(tiny_model_dir, max_steps=2, eval_examples=4))
+    run_config = {"ops": split_run_config(flat, SUPERVISED_OP_CONFIGS)}
+    config_path = tmp_path / "run_config.json"
+    config_path.write_text(json.dumps(run_config))
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster")}
+    (tmp_path / "dagster").mkdir()
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "kitchen_assets.definitions",
+         "--select", "group:supervised", "--config", str(config_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with dg.DagsterInstance.from_ref(dg.InstanceRef.from_dir(str(tmp_path / "dagster"))) as instance:
+        for name in ("base_model", "dataset", "datums", "checkpoints", "trained_weights", "eval_report"):
+            assert instance.get_latest_materialization_event(dg.AssetKey(["supervised", name])) is not None
