@@ -1,0 +1,231 @@
+"""On-disk checkpoints: training state (weights + optimizer) and sampler weights, written atomically.
+
+Layout under the engine root::
+
+    <root>/<session_id>/state/<name>/    adapter.safetensors, optimizer.pt, rng.pt, kitchen_state.json
+    <root>/<session_id>/sampler/<name>/  adapter_config.json, adapter_model.safetensors, kitchen_sampler.json
+
+Every checkpoint is assembled in a hidden staging directory beside its target and renamed into place
+only when complete; its manifest is written last and records a SHA-256 of every file, which loading
+verifies. A crash mid-save leaves at most a hidden staging directory, never a checkpoint a load
+would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kitchen.hashing import hash_file
+
+STATE_MANIFEST = "kitchen_state.json"
+SAMPLER_MANIFEST = "kitchen_sampler.json"
+ADAPTER_FILE = "adapter.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+STATE_FORMAT = "kitchen-local-state/1"
+SAMPLER_FORMAT = "kitchen-local-sampler/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint exists but cannot be trusted or does not fit: the message says why."""
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a staging directory that replaces ``target`` only if the block completes.
+
+    An existing ``target`` is swapped out by two renames and then deleted, so a reader sees the old
+    checkpoint, briefly nothing, then the new one: never a mixture.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        yield staging
+        for path in staging.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        _swap_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync(target.parent)
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    retired = target.parent / f".{target.name}.retired-{uuid.uuid4().hex[:8]}"
+    os.rename(target, retired)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(retired, target)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass(frozen=True)
+class StateInfo:
+    """What ``kitchen_state.json`` records besides file hashes: enough to rebuild the client."""
+
+    base_model: str
+    rank: int
+    lora_alpha: int
+    seed: int
+    step: int
+    session_id: str
+
+
+@dataclass(frozen=True)
+class LoadedState:
+    info: StateInfo
+    directory: Path
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    rng: dict[str, Any] | None
+
+
+def write_training_state(
+    target: Path,
+    info: StateInfo,
+    adapter: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    rng: dict[str, Any],
+) -> None:
+    with atomic_directory(target) as staging:
+        save_file(adapter, str(staging / ADAPTER_FILE))
+        torch.save(optimizer, staging / OPTIMIZER_FILE)
+        torch.save(rng, staging / RNG_FILE)
+        files = {name: hash_file(staging / name) for name in (ADAPTER_FILE, OPTIMIZER_FILE, RNG_FILE)}
+        manifest = {
+            "format": STATE_FORMAT,
+            **asdict(info),
+            "content_hash": files[ADAPTER_FILE],
+            "files": files,
+        }
+        _write_json(staging / STATE_MANIFEST, manifest)
+
+
+def read_state_info(directory: Path) -> StateInfo:
+    """The manifest of a training-state checkpoint (files not yet verified)."""
+    return _state_info(
+        directory, _read_manifest(directory, STATE_MANIFEST, STATE_FORMAT, other=SAMPLER_MANIFEST)
+    )
+
+
+def _state_info(directory: Path, manifest: dict[str, Any]) -> StateInfo:
+    try:
+        return StateInfo(**{key: manifest[key] for key in StateInfo.__dataclass_fields__})
+    except KeyError as exc:
+        raise CheckpointError(f"checkpoint {directory}: {STATE_MANIFEST} lacks {exc}") from exc
+
+
+def read_training_state(directory: Path, *, with_optimizer: bool) -> LoadedState:
+    """Load a training-state checkpoint after checking every file against its recorded hash."""
+    manifest = _read_manifest(directory, STATE_MANIFEST, STATE_FORMAT, other=SAMPLER_MANIFEST)
+    info = _state_info(directory, manifest)
+    _verify_files(directory, manifest.get("files"))
+    adapter = load_file(str(directory / ADAPTER_FILE))
+    optimizer = rng = None
+    if with_optimizer:
+        optimizer = torch.load(directory / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
+        rng = torch.load(directory / RNG_FILE, weights_only=True, map_location="cpu")
+    return LoadedState(info=info, directory=directory, adapter=adapter, optimizer=optimizer, rng=rng)
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """What ``kitchen_sampler.json`` records: which base the adapter applies to, and at what step."""
+
+    base_model: str
+    rank: int
+    step: int
+    session_id: str
+
+
+def write_sampler(target: Path, info: SamplerInfo, save_adapter: Any) -> None:
+    """``save_adapter(directory)`` writes the PEFT files (``PeftModel.save_pretrained``)."""
+    with atomic_directory(target) as staging:
+        save_adapter(staging)
+        for required in (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE):
+            if not (staging / required).is_file():
+                raise CheckpointError(f"adapter save wrote no {required}")
+        files = {name: hash_file(staging / name) for name in (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE)}
+        manifest = {
+            "format": SAMPLER_FORMAT,
+            **asdict(info),
+            "content_hash": files[PEFT_WEIGHTS_FILE],
+            "files": files,
+        }
+        _write_json(staging / SAMPLER_MANIFEST, manifest)
+
+
+def read_sampler(directory: Path) -> SamplerInfo:
+    """The manifest of a sampler checkpoint, after verifying its adapter files."""
+    manifest = _read_manifest(directory, SAMPLER_MANIFEST, SAMPLER_FORMAT, other=STATE_MANIFEST)
+    _verify_files(directory, manifest.get("files"))
+    try:
+        return SamplerInfo(**{key: manifest[key] for key in SamplerInfo.__dataclass_fields__})
+    except KeyError as exc:
+        raise CheckpointError(f"checkpoint {directory}: {SAMPLER_MANIFEST} lacks {exc}") from exc
+
+
+def _read_manifest(directory: Path, name: str, expected_format: str, *, other: str) -> dict[str, Any]:
+    if not directory.exists():
+        raise FileNotFoundError(f"checkpoint {directory} does not exist")
+    path = directory / name
+    if not path.is_file():
+        kind = "sampler" if name == SAMPLER_MANIFEST else "training-state"
+        found = f"; it holds {other}, the other kind of checkpoint" if (directory / other).is_file() else ""
+        raise CheckpointError(f"{directory} is not a Kitchen {kind} checkpoint (no {name}){found}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {directory}: unreadable {name}: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != expected_format:
+        raise CheckpointError(f"checkpoint {directory}: {name} is not format {expected_format!r}")
+    return manifest
+
+
+def _verify_files(directory: Path, files: Any) -> None:
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"checkpoint {directory}: manifest lists no file hashes")
+    for name, expected in files.items():
+        if not isinstance(name, str) or Path(name).name != name:
+            raise CheckpointError(f"checkpoint {directory}: manifest names a file outside it: {name!r}")
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {directory} is incomplete: {name} is missing")
+        actual = hash_file(path)
+        if actual != expected:
+            raise CheckpointError(
+                f"checkpoint {directory} is corrupt: {name} has sha256 {actual[:12]}…, "
+                f"manifest records {str(expected)[:12]}…"
+            )

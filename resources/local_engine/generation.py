@@ -1,0 +1,177 @@
+"""Batched autoregressive generation with a KV cache, honouring Tinker's ``SamplingParams``.
+
+Our own loop rather than ``transformers.generate`` because rows of one batch come from different
+requests: each row needs its own seed (same seed ⇒ same sample, whatever it was batched with), its
+own ``max_tokens``, temperature, top-k/top-p and stop rule.
+
+Stop semantics follow the Tinker service (tinker-cookbook's renderers rely on them): generation ends
+right after the token that emits a stop token id, completes a stop string, or is EOS, and that token
+**is included** in the returned tokens (and logprobs). Tokens are atomic, so a stop string completed
+mid-token keeps the whole token. Stop strings are matched in the generated text only, never the
+prompt. ``stop=None`` stops at EOS only; a non-empty ``stop`` adds to EOS; ``stop=[]`` disables
+stopping altogether, EOS included, so generation runs to ``max_tokens``.
+
+Returned logprobs are the model's own ``log p(token | prefix)`` (temperature 1, before top-k/top-p),
+the same quantity ``compute_logprobs`` and training's ``forward`` report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tinker import types
+
+_MAX_BYTES_PER_CHAR = 4
+
+
+@dataclass(frozen=True)
+class StopRule:
+    token_ids: frozenset[int]
+    strings: tuple[str, ...]
+
+    @property
+    def window(self) -> int:
+        """Generated tokens to decode when looking for a stop string: enough to hold the longest one
+        even if every token carries a single byte, plus the token it may start inside."""
+        return _MAX_BYTES_PER_CHAR * max((len(s) for s in self.strings), default=0) + 2
+
+
+def stop_rule(stop: str | Sequence[str] | Sequence[int] | None, eos_ids: frozenset[int]) -> StopRule:
+    if stop is None:
+        return StopRule(eos_ids, ())
+    items: list[Any] = [stop] if isinstance(stop, str) else list(stop)
+    if not items:
+        return StopRule(frozenset(), ())
+    if all(isinstance(item, str) for item in items):
+        if any(not item for item in items):
+            raise ValueError("stop strings must be non-empty")
+        return StopRule(eos_ids, tuple(items))
+    if all(isinstance(item, int) and not isinstance(item, bool) for item in items):
+        return StopRule(eos_ids | frozenset(items), ())
+    raise ValueError(f"stop must be strings or token ids, not a mix: {items!r}")
+
+
+@dataclass(frozen=True)
+class RowParams:
+    """One sequence to generate: a prompt and the validated sampling settings for it."""
+
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    stop: StopRule
+    seed: int
+
+
+@dataclass
+class RowResult:
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    stop_reason: types.StopReason | None = None
+
+
+def check_sampling_params(params: types.SamplingParams) -> None:
+    """Refuse settings the sampler cannot honour, at submission time rather than mid-batch."""
+    if params.max_tokens is not None and params.max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+    if not math.isfinite(params.temperature) or params.temperature < 0:
+        raise ValueError(f"temperature must be finite and >= 0, got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k < -1:
+        raise ValueError(f"top_k must be -1 or 0 (off) or positive, got {params.top_k}")
+
+
+def choose_token(logits: torch.Tensor, row: RowParams, generator: torch.Generator) -> int:
+    """Greedy at temperature 0; otherwise sample from the temperature-scaled, top-k/top-p-truncated
+    distribution with the row's own generator."""
+    if row.temperature == 0:
+        return int(torch.argmax(logits))
+    scaled = logits / row.temperature
+    if 0 < row.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, row.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if row.top_p < 1:
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        preceding = torch.cumsum(probs, dim=-1) - probs
+        drop = torch.zeros_like(scaled, dtype=torch.bool)
+        drop[order] = preceding >= row.top_p
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def generate(
+    model: Any, tokenizer: Any, rows: Sequence[RowParams], device: torch.device, pad_id: int
+) -> list[RowResult]:
+    """Generate every row in one left-padded batch; finished rows are dropped from the batch."""
+    results = [RowResult() for _ in rows]
+    generators = [torch.Generator().manual_seed(row.seed) for row in rows]
+    width = max(len(row.prompt) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row.prompt) :] = torch.as_tensor(row.prompt, dtype=torch.long)
+        attention[i, width - len(row.prompt) :] = 1
+    attention = attention.to(device)
+    positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
+    next_position = attention.sum(dim=-1, keepdim=True)
+    active = list(range(len(rows)))
+    with torch.inference_mode():
+        out = model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = out.past_key_values
+        while True:
+            logits = out.logits[:, -1, :].float()
+            logprobs = torch.log_softmax(logits, dim=-1).cpu()
+            logits = logits.cpu()
+            chosen: list[int] = []
+            for batch_index, row_index in enumerate(active):
+                row, result = rows[row_index], results[row_index]
+                token = choose_token(logits[batch_index], row, generators[row_index])
+                result.tokens.append(token)
+                result.logprobs.append(float(logprobs[batch_index, token]))
+                result.stop_reason = _stop_reason(tokenizer, row, result)
+                chosen.append(token)
+            keep = [i for i, row_index in enumerate(active) if results[row_index].stop_reason is None]
+            if not keep:
+                return results
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                attention, next_position = attention[index], next_position[index]
+                active = [active[i] for i in keep]
+                chosen = [chosen[i] for i in keep]
+            attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=-1)
+            out = model(
+                input_ids=torch.tensor(chosen, dtype=torch.long, device=device)[:, None],
+                attention_mask=attention,
+                position_ids=next_position,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            next_position = next_position + 1
+
+
+def _stop_reason(tokenizer: Any, row: RowParams, result: RowResult) -> types.StopReason | None:
+    if result.tokens[-1] in row.stop.token_ids:
+        return "stop"
+    if row.stop.strings:
+        tail = tokenizer.decode(result.tokens[-row.stop.window :], skip_special_tokens=False)
+        if any(s in tail for s in row.stop.strings):
+            return "stop"
+    if len(result.tokens) >= row.max_tokens:
+        return "length"
+    return None

@@ -1,0 +1,111 @@
+"""Where and how the local engine runs models: device, dtype, model loading and the base-model cache."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+@dataclass(frozen=True)
+class EngineRuntime:
+    """Settings every client of one ``LocalServiceClient`` shares."""
+
+    root: Path
+    device: torch.device
+    dtype: torch.dtype
+    max_sampling_batch: int
+    max_batch_tokens: int
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; an explicit CUDA request without CUDA is an error, not a CPU run."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU (bf16 matmuls are slow there), bfloat16 on CUDA."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected 'auto' or one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def check_model_dir(base_model: str | Path) -> Path:
+    """The resolved directory of a local Hugging Face checkpoint, or an error naming what is wrong."""
+    path = Path(base_model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"base model {str(base_model)!r}: no such directory {path}")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ValueError(
+            f"base model {str(base_model)!r} is not a Hugging Face model directory "
+            f"(expected {path / 'config.json'})"
+        )
+    if not any(any(path.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
+        raise ValueError(
+            f"base model directory {path} holds no weights (*.safetensors or pytorch_model*.bin)"
+        )
+    return path.resolve()
+
+
+def load_model(path: Path, dtype: torch.dtype) -> Any:
+    """A fresh copy of the model on the CPU (callers move it, after any seeded CPU-side init)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+
+
+@cache
+def load_tokenizer(path: Path) -> Any:
+    """Tokenizers are immutable in use, so one per model directory serves every client."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+_BASE_CACHE: dict[tuple[Path, str, torch.dtype], Any] = {}
+_BASE_CACHE_LOCK = threading.Lock()
+
+
+def shared_base_model(path: Path, device: torch.device, dtype: torch.dtype) -> Any:
+    """One frozen, eval-mode copy of a base model per process, for sampling.
+
+    Evaluating the base model and then several trained adapters would otherwise reload the weights
+    each time. Nothing may mutate this copy: adapter samplers deep-copy it before merging, and
+    training clients load their own.
+    """
+    key = (path, str(device), dtype)
+    with _BASE_CACHE_LOCK:
+        model = _BASE_CACHE.get(key)
+        if model is None:
+            model = load_model(path, dtype).to(device)
+            model.eval()
+            model.requires_grad_(False)
+            _BASE_CACHE[key] = model
+        return model
+
+
+def context_window(model: Any) -> int | None:
+    """The model's maximum sequence length, if its config states one."""
+    value = getattr(model.config, "max_position_embeddings", None)
+    return int(value) if value is not None else None
+
+
+def vocab_size(model: Any) -> int:
+    return int(model.get_input_embeddings().num_embeddings)

@@ -1,0 +1,281 @@
+"""``LocalSamplingClient``: Tinker's ``SamplingClient`` on a local model, with dynamic batching.
+
+Requests queue up and one worker thread serves them: each time it wakes it takes every request
+waiting, expands them into rows (one per sample) and generates them together in left-padded batches
+of up to ``max_sampling_batch`` rows. Evaluation code submits all its prompts before awaiting any
+result (as it must to pipeline against Tinker), so hundreds of prompts become a handful of batches.
+``compute_logprobs`` and prompt logprobs are batched the same way through the shared scorer.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import secrets
+import threading
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tinker import types
+
+from resources.local_engine.checkpoints import read_sampler
+from resources.local_engine.generation import RowParams, RowResult, check_sampling_params, generate, stop_rule
+from resources.local_engine.runtime import (
+    EngineRuntime,
+    check_model_dir,
+    context_window,
+    load_tokenizer,
+    shared_base_model,
+    vocab_size,
+)
+from resources.local_engine.scoring import target_logprobs, token_budget_chunks
+from resources.local_engine.uris import path_from_uri
+
+
+@dataclass
+class _Request:
+    future: Future[Any]
+    prompt: list[int]
+    rows: list[RowParams]
+    """Empty for a scoring-only request (``compute_logprobs``)."""
+    score_prompt: bool
+
+
+class LocalSamplingClient:
+    """Samples from, and scores with, one fixed set of weights held in memory."""
+
+    def __init__(self, model: Any, tokenizer: Any, runtime: EngineRuntime, *, label: str) -> None:
+        self._model = model
+        self._tokenizer = tokenizer
+        self._runtime = runtime
+        self.label = label
+        self._window = context_window(model)
+        self._vocab = vocab_size(model)
+        self._eos_ids = _eos_ids(model, tokenizer)
+        self._pad_id = _pad_id(tokenizer, self._eos_ids)
+        self._queue: deque[_Request] = deque()
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kitchen-sampler")
+        self._sequence_ids = itertools.count()
+        self._id_prefix = uuid.uuid4().hex[:12]
+        self.batch_sizes: list[int] = []
+        """Rows per generation batch, in order: lets callers (and tests) see batching happen."""
+
+    def sample(
+        self,
+        prompt: types.ModelInput,
+        num_samples: int,
+        sampling_params: types.SamplingParams,
+        include_prompt_logprobs: bool = False,
+    ) -> Future[types.SampleResponse]:
+        tokens = self._prompt_tokens(prompt)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        check_sampling_params(sampling_params)
+        max_tokens = self._max_tokens(len(tokens), sampling_params.max_tokens)
+        stop = stop_rule(sampling_params.stop, self._eos_ids)
+        base_seed = sampling_params.seed if sampling_params.seed is not None else secrets.randbits(63)
+        rows = [
+            RowParams(
+                prompt=tokens,
+                max_tokens=max_tokens,
+                temperature=sampling_params.temperature,
+                top_k=sampling_params.top_k,
+                top_p=sampling_params.top_p,
+                stop=stop,
+                seed=_row_seed(base_seed, index),
+            )
+            for index in range(num_samples)
+        ]
+        return self._submit(_Request(Future(), tokens, rows, score_prompt=include_prompt_logprobs))
+
+    def compute_logprobs(self, prompt: types.ModelInput) -> Future[list[float | None]]:
+        """``[None, log p(t1 | t0), log p(t2 | t0 t1), ...]``: the first token has no context."""
+        tokens = self._prompt_tokens(prompt)
+        if self._window is not None and len(tokens) > self._window:
+            raise ValueError(f"prompt has {len(tokens)} tokens; the model's context window is {self._window}")
+        return self._submit(_Request(Future(), tokens, [], score_prompt=True))
+
+    def get_tokenizer(self) -> Any:
+        return self._tokenizer
+
+    # -- worker side -------------------------------------------------------------------------------
+
+    def _submit(self, request: _Request) -> Future[Any]:
+        with self._lock:
+            self._queue.append(request)
+        self._executor.submit(self._drain)
+        return request.future
+
+    def _drain(self) -> None:
+        """Serve every request queued so far; later submissions wait for the next drain."""
+        with self._lock:
+            requests = [r for r in self._queue if r.future.set_running_or_notify_cancel()]
+            self._queue.clear()
+        if not requests:
+            return
+        try:
+            self._serve(requests)
+        except BaseException as exc:
+            for request in requests:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _serve(self, requests: list[_Request]) -> None:
+        prompt_logprobs = self._score([r.prompt for r in requests if r.score_prompt])
+        scored = iter(prompt_logprobs)
+        by_request = {id(r): next(scored) for r in requests if r.score_prompt}
+        for request in requests:
+            if not request.rows:
+                request.future.set_result(by_request[id(request)])
+
+        rows = [(request, index, row) for request in requests for index, row in enumerate(request.rows)]
+        # Similar lengths together means less padding; a row's result does not depend on its batch.
+        rows.sort(key=lambda item: len(item[2].prompt))
+        finished: dict[int, dict[int, RowResult]] = {id(r): {} for r in requests}
+        batch = self._runtime.max_sampling_batch
+        for start in range(0, len(rows), batch):
+            chunk = rows[start : start + batch]
+            self.batch_sizes.append(len(chunk))
+            params = [row for _, _, row in chunk]
+            results = generate(self._model, self._tokenizer, params, self._runtime.device, self._pad_id)
+            for (request, index, _), result in zip(chunk, results, strict=True):
+                done = finished[id(request)]
+                done[index] = result
+                if len(done) == len(request.rows):
+                    ordered = [done[i] for i in range(len(request.rows))]
+                    request.future.set_result(self._response(ordered, by_request.get(id(request))))
+
+    def _response(
+        self, results: Sequence[RowResult], prompt_logprobs: list[float | None] | None
+    ) -> types.SampleResponse:
+        sequences = []
+        for result in results:
+            assert result.stop_reason is not None
+            sequences.append(
+                types.SampledSequence(
+                    stop_reason=result.stop_reason,
+                    sequence_id=f"{self._id_prefix}-{next(self._sequence_ids)}",
+                    _tokens_list=result.tokens,
+                    _logprobs_list=result.logprobs,
+                )
+            )
+        return types.SampleResponse(sequences=sequences, _prompt_logprobs_list=prompt_logprobs)
+
+    def _score(self, prompts: list[list[int]]) -> list[list[float | None]]:
+        """Prompt logprobs for each prompt, batched under the engine's token budget."""
+        scored: list[list[float | None]] = [[None] for _ in prompts]
+        order = sorted((i for i, p in enumerate(prompts) if len(p) > 1), key=lambda i: len(prompts[i]))
+        lengths = [len(prompts[i]) - 1 for i in order]
+        budget, rows = self._runtime.max_batch_tokens, self._runtime.max_sampling_batch
+        with torch.inference_mode():
+            for chunk in token_budget_chunks(lengths, budget, rows):
+                indices = [order[j] for j in chunk]
+                inputs = [prompts[i][:-1] for i in indices]
+                targets = [torch.as_tensor(prompts[i][1:], dtype=torch.long) for i in indices]
+                for i, lp in zip(
+                    indices, target_logprobs(self._model, inputs, targets, self._runtime.device), strict=True
+                ):
+                    scored[i].extend(float(x) for x in lp.cpu())
+        return scored
+
+    # -- validation --------------------------------------------------------------------------------
+
+    def _prompt_tokens(self, prompt: types.ModelInput) -> list[int]:
+        tokens = [int(t) for t in prompt.to_ints()]
+        if not tokens:
+            raise ValueError("prompt is empty")
+        bad = [t for t in tokens if not 0 <= t < self._vocab]
+        if bad:
+            raise ValueError(f"prompt has token ids outside the vocabulary [0, {self._vocab}): {bad[:5]}")
+        return tokens
+
+    def _max_tokens(self, prompt_len: int, requested: int | None) -> int:
+        if self._window is None:
+            if requested is None:
+                raise ValueError(
+                    "the model states no context window, so sampling needs an explicit max_tokens"
+                )
+            return requested
+        room = self._window - prompt_len
+        if requested is None:
+            if room < 1:
+                raise ValueError(f"prompt of {prompt_len} tokens fills the context window of {self._window}")
+            return room
+        if requested > room:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({requested}) exceeds "
+                f"the context window ({self._window})"
+            )
+        return requested
+
+
+def _row_seed(seed: int, index: int) -> int:
+    """Distinct, reproducible generator seeds for the samples of one request."""
+    return int(np.random.SeedSequence([seed % (1 << 63), index]).generate_state(1, dtype=np.uint64)[0])
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """EOS ids from the tokenizer and the model's generation config (chat models often list several)."""
+    ids: set[int] = set()
+    for source in (
+        tokenizer.eos_token_id,
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list | tuple):
+            ids.update(int(x) for x in source)
+    if not ids:
+        raise ValueError("neither the tokenizer nor the generation config names an EOS token")
+    return frozenset(ids)
+
+
+def _pad_id(tokenizer: Any, eos_ids: frozenset[int]) -> int:
+    """Padding is masked out; any valid id will do, the tokenizer's own if it has one."""
+    pad = tokenizer.pad_token_id
+    return int(pad) if pad is not None else min(eos_ids)
+
+
+def open_sampling_client(
+    runtime: EngineRuntime, *, model_path: str | None = None, base_model: str | None = None
+) -> LocalSamplingClient:
+    """A sampling client on a base model, or on a sampler checkpoint's adapter merged into its base.
+
+    The base comes from the per-process cache; an adapter is merged into a deep copy of it, so the
+    cached base (and any training client's model) is never touched.
+    """
+    if model_path is None and base_model is None:
+        raise ValueError("create_sampling_client needs model_path or base_model")
+    if model_path is None:
+        assert base_model is not None
+        base_path = check_model_dir(base_model)
+        model = shared_base_model(base_path, runtime.device, runtime.dtype)
+        return LocalSamplingClient(model, load_tokenizer(base_path), runtime, label=str(base_path))
+
+    directory = path_from_uri(model_path)
+    info = read_sampler(directory)
+    base_path = check_model_dir(info.base_model)
+    if base_model is not None and check_model_dir(base_model) != base_path:
+        raise ValueError(f"sampler {model_path} was trained on {base_path}, not {base_model}")
+    model = _merged_adapter_model(base_path, directory, runtime)
+    return LocalSamplingClient(model, load_tokenizer(base_path), runtime, label=model_path)
+
+
+def _merged_adapter_model(base_path: Path, adapter_dir: Path, runtime: EngineRuntime) -> Any:
+    from peft import PeftModel
+
+    model = copy.deepcopy(shared_base_model(base_path, runtime.device, runtime.dtype))
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.eval()
+    merged.requires_grad_(False)
+    return merged

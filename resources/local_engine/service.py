@@ -1,0 +1,83 @@
+"""``LocalServiceClient``: the entry point, standing in for ``tinker.ServiceClient``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kitchen.home import home_dir
+from resources.local_engine.checkpoints import read_state_info
+from resources.local_engine.runtime import EngineRuntime, check_model_dir, resolve_device, resolve_dtype
+from resources.local_engine.sampling import LocalSamplingClient, open_sampling_client
+from resources.local_engine.training import LocalTrainingClient
+from resources.local_engine.uris import path_from_uri
+
+
+class LocalServiceClient:
+    """Makes training and sampling clients that run in this process with PyTorch and PEFT.
+
+    A base model is named by the path of a local Hugging Face model directory. Checkpoints go under
+    ``root`` (default ``KITCHEN_HOME/engine``) and are addressed by ``file://`` URIs.
+    ``max_batch_tokens`` bounds the padded tokens of one forward pass (training micro-batches and
+    prompt scoring), which bounds the memory the logits take.
+    """
+
+    def __init__(
+        self,
+        root: Path | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        num_threads: int | None = None,
+        max_sampling_batch: int = 32,
+        max_batch_tokens: int = 8192,
+    ) -> None:
+        if num_threads is not None:
+            if num_threads < 1:
+                raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+            torch.set_num_threads(num_threads)
+        if max_sampling_batch < 1:
+            raise ValueError(f"max_sampling_batch must be >= 1, got {max_sampling_batch}")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        resolved_root = Path(root).expanduser().resolve() if root is not None else home_dir("engine")
+        resolved_root.mkdir(parents=True, exist_ok=True)
+        resolved_device = resolve_device(device)
+        self.runtime = EngineRuntime(
+            root=resolved_root,
+            device=resolved_device,
+            dtype=resolve_dtype(dtype, resolved_device),
+            max_sampling_batch=max_sampling_batch,
+            max_batch_tokens=max_batch_tokens,
+        )
+
+    @property
+    def root(self) -> Path:
+        return self.runtime.root
+
+    def create_lora_training_client(
+        self, base_model: str, rank: int = 32, seed: int | None = None
+    ) -> LocalTrainingClient:
+        return LocalTrainingClient(self.runtime, check_model_dir(base_model), rank, seed)
+
+    def create_training_client_from_state(self, path: str) -> LocalTrainingClient:
+        """A new session holding a checkpoint's weights, with a fresh optimizer."""
+        return self._from_state(path, with_optimizer=False)
+
+    def create_training_client_from_state_with_optimizer(self, path: str) -> LocalTrainingClient:
+        """A new session resuming a checkpoint exactly: weights, optimizer, step and RNG state."""
+        return self._from_state(path, with_optimizer=True)
+
+    def create_sampling_client(
+        self, model_path: str | None = None, base_model: str | None = None
+    ) -> LocalSamplingClient:
+        return open_sampling_client(self.runtime, model_path=model_path, base_model=base_model)
+
+    def _from_state(self, path: str, *, with_optimizer: bool) -> LocalTrainingClient:
+        info = read_state_info(path_from_uri(path))
+        client = LocalTrainingClient(self.runtime, check_model_dir(info.base_model), info.rank, info.seed)
+        if with_optimizer:
+            client.load_state_with_optimizer(path).result()
+        else:
+            client.load_state(path).result()
+        return client

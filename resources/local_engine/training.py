@@ -1,0 +1,312 @@
+"""``LocalTrainingClient``: Tinker's ``TrainingClient`` as a PEFT LoRA session in this process.
+
+Every call is validated where it is made (bad input raises at once) and then queued on the client's
+single worker thread, which runs the work in submission order and resolves the returned future.
+That is what lets the training loop pipeline: it submits ``forward_backward`` and ``optim_step``
+for the next batch before awaiting the current one, exactly as it does against the Tinker service.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tinker import types
+
+from resources.local_engine.checkpoints import (
+    CheckpointError,
+    SamplerInfo,
+    StateInfo,
+    read_training_state,
+    write_sampler,
+    write_training_state,
+)
+from resources.local_engine.losses import LossConfig, LossFn, combine_metrics, get_loss_fn
+from resources.local_engine.runtime import EngineRuntime, load_model, load_tokenizer, vocab_size
+from resources.local_engine.sampling import LocalSamplingClient, open_sampling_client
+from resources.local_engine.scoring import target_logprobs, token_budget_chunks
+from resources.local_engine.uris import check_checkpoint_name, path_from_uri, uri_for_path
+
+LORA_ALPHA = 32
+
+
+@dataclass(frozen=True)
+class PreparedDatum:
+    """A validated datum: input tokens and its per-token loss inputs as CPU tensors."""
+
+    tokens: list[int]
+    inputs: dict[str, torch.Tensor]
+
+
+def prepare_datums(data: Sequence[types.Datum], loss: LossFn, vocab: int) -> list[PreparedDatum]:
+    """Check every datum against what ``loss`` needs; errors name the datum index."""
+    if not data:
+        raise ValueError("no data: forward/forward_backward needs at least one datum")
+    prepared = []
+    for index, datum in enumerate(data):
+        where = f"datum {index}"
+        try:
+            tokens = [int(t) for t in datum.model_input.to_ints()]
+        except ValueError as exc:
+            raise ValueError(f"{where}: model_input must be token chunks only: {exc}") from exc
+        if not tokens:
+            raise ValueError(f"{where}: model_input is empty")
+        given = set(datum.loss_fn_inputs)
+        missing = [key for key in loss.inputs if key not in given]
+        unexpected = sorted(given - set(loss.inputs))
+        if missing or unexpected:
+            raise ValueError(
+                f"{where}: loss {loss.name!r} takes loss_fn_inputs {list(loss.inputs)}; "
+                f"missing {missing}, unexpected {unexpected}"
+            )
+        inputs: dict[str, torch.Tensor] = {}
+        for key in loss.inputs:
+            tensor = datum.loss_fn_inputs[key].to_torch()
+            if tensor.ndim != 1 or tensor.shape[0] != len(tokens):
+                raise ValueError(
+                    f"{where}: {key} has shape {list(tensor.shape)} but model_input has "
+                    f"{len(tokens)} tokens; per-token inputs need exactly one entry per input token"
+                )
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{where}: {key} contains non-finite values")
+            inputs[key] = tensor
+        targets = inputs["target_tokens"]
+        if targets.is_floating_point():
+            raise ValueError(f"{where}: target_tokens must be integers, got {targets.dtype}")
+        for name, ids in (("model_input", torch.as_tensor(tokens)), ("target_tokens", targets)):
+            if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+                raise ValueError(f"{where}: {name} has token ids outside the vocabulary [0, {vocab})")
+        prepared.append(PreparedDatum(tokens=tokens, inputs=inputs))
+    return prepared
+
+
+class LocalTrainingClient:
+    """One LoRA training session on one base model."""
+
+    def __init__(self, runtime: EngineRuntime, base_model: Path, rank: int, seed: int | None) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
+        self.base_model = base_model
+        self.rank = rank
+        self.seed = seed if seed is not None else secrets.randbits(63)
+        """Recorded in every checkpoint, so an unseeded session can still be replayed."""
+        self.session_id = uuid.uuid4().hex
+        self._runtime = runtime
+        self._model = _lora_model(base_model, rank, self.seed, runtime)
+        self._params = [(name, p) for name, p in self._model.named_parameters() if p.requires_grad]
+        self._optimizer = self._new_optimizer()
+        self._generator = torch.Generator().manual_seed(self.seed)
+        """Handed to loss functions for any randomness they need; saved and restored with the state."""
+        self._step = 0
+        self._vocab = vocab_size(self._model)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kitchen-train")
+
+    @property
+    def session_dir(self) -> Path:
+        return self._runtime.root / self.session_id
+
+    # -- contract ----------------------------------------------------------------------------------
+
+    def forward(
+        self, data: list[types.Datum], loss_fn: str, loss_fn_config: Mapping[str, float | str] | None = None
+    ) -> Future[types.ForwardBackwardOutput]:
+        loss, config, datums = self._prepare(data, loss_fn, loss_fn_config)
+        return self._executor.submit(self._run_loss, loss, config, datums, False)
+
+    def forward_backward(
+        self, data: list[types.Datum], loss_fn: str, loss_fn_config: Mapping[str, float | str] | None = None
+    ) -> Future[types.ForwardBackwardOutput]:
+        """Accumulates gradients of the summed loss until the next ``optim_step``."""
+        loss, config, datums = self._prepare(data, loss_fn, loss_fn_config)
+        return self._executor.submit(self._run_loss, loss, config, datums, True)
+
+    def optim_step(
+        self, optim_params: types.AdamParams | None = None, *, adam_params: types.AdamParams | None = None
+    ) -> Future[types.OptimStepResponse]:
+        if optim_params is not None and adam_params is not None:
+            raise ValueError("pass optim_params or adam_params, not both")
+        params = optim_params if optim_params is not None else adam_params
+        if not isinstance(params, types.AdamParams):
+            raise TypeError(
+                f"the local engine's optimizer is AdamW and needs AdamParams, got {type(params).__name__}"
+            )
+        _check_adam(params)
+        return self._executor.submit(self._optim_step, params)
+
+    def save_state(self, name: str) -> Future[types.SaveWeightsResponse]:
+        check_checkpoint_name(name)
+        return self._executor.submit(self._save_state, name)
+
+    def load_state(self, path: str) -> Future[types.LoadWeightsResponse]:
+        """Weights only: the optimizer restarts from scratch (fresh moments), as on Tinker."""
+        return self._executor.submit(self._load, path, path_from_uri(path), False)
+
+    def load_state_with_optimizer(self, path: str) -> Future[types.LoadWeightsResponse]:
+        """Weights, AdamW moments, step counter and RNG state: training resumes bit for bit."""
+        return self._executor.submit(self._load, path, path_from_uri(path), True)
+
+    def save_weights_for_sampler(self, name: str) -> Future[types.SaveWeightsForSamplerResponse]:
+        check_checkpoint_name(name)
+        return self._executor.submit(self._save_sampler, name)
+
+    def create_sampling_client(self, model_path: str) -> LocalSamplingClient:
+        return open_sampling_client(self._runtime, model_path=model_path)
+
+    def get_tokenizer(self) -> Any:
+        return load_tokenizer(self.base_model)
+
+    # -- worker side -------------------------------------------------------------------------------
+
+    def _prepare(
+        self, data: Sequence[types.Datum], loss_fn: str, loss_fn_config: LossConfig | None
+    ) -> tuple[LossFn, LossConfig, list[PreparedDatum]]:
+        loss = get_loss_fn(loss_fn)
+        config = loss.check_config(loss_fn_config)
+        return loss, config, prepare_datums(data, loss, self._vocab)
+
+    def _run_loss(
+        self, loss: LossFn, config: LossConfig, datums: list[PreparedDatum], backward: bool
+    ) -> types.ForwardBackwardOutput:
+        """Micro-batches under the token budget; the loss is a sum, so their gradients just add."""
+        device = self._runtime.device
+        outputs: list[dict[str, torch.Tensor]] = []
+        metrics: list[dict[str, float]] = []
+        for chunk in token_budget_chunks([len(d.tokens) for d in datums], self._runtime.max_batch_tokens):
+            part = [datums[i] for i in chunk]
+            with torch.set_grad_enabled(backward):
+                logprobs = target_logprobs(
+                    self._model, [d.tokens for d in part], [d.inputs["target_tokens"] for d in part], device
+                )
+                inputs = [{key: value.to(device) for key, value in d.inputs.items()} for d in part]
+                result = loss.compute(logprobs, inputs, config, self._generator)
+                if backward:
+                    result.loss.backward()
+            outputs.extend(result.outputs)
+            metrics.append(result.metrics)
+        return types.ForwardBackwardOutput(
+            loss_fn_output_type="ArrayRecord",
+            loss_fn_outputs=[
+                {key: types.TensorData.from_torch(value.detach().cpu()) for key, value in out.items()}
+                for out in outputs
+            ],
+            metrics=combine_metrics(metrics),
+        )
+
+    def _optim_step(self, adam: types.AdamParams) -> types.OptimStepResponse:
+        params = [p for _, p in self._params]
+        grads = [p.grad for p in params if p.grad is not None]
+        if adam.grad_clip_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm)
+        elif grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+        else:
+            norm = torch.zeros(())
+        for group in self._optimizer.param_groups:
+            group["lr"] = adam.learning_rate
+            group["betas"] = (adam.beta1, adam.beta2)
+            group["eps"] = adam.eps
+            group["weight_decay"] = adam.weight_decay
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        self._step += 1
+        return types.OptimStepResponse(metrics={"grad_norm": float(norm)})
+
+    def _save_state(self, name: str) -> types.SaveWeightsResponse:
+        target = self.session_dir / "state" / name
+        write_training_state(
+            target,
+            StateInfo(
+                base_model=str(self.base_model),
+                rank=self.rank,
+                lora_alpha=LORA_ALPHA,
+                seed=self.seed,
+                step=self._step,
+                session_id=self.session_id,
+            ),
+            adapter={n: p.detach().cpu().contiguous() for n, p in self._params},
+            optimizer=self._optimizer.state_dict(),
+            rng={"generator": self._generator.get_state()},
+        )
+        return types.SaveWeightsResponse(path=uri_for_path(target))
+
+    def _load(self, uri: str, directory: Path, with_optimizer: bool) -> types.LoadWeightsResponse:
+        state = read_training_state(directory, with_optimizer=with_optimizer)
+        if state.info.base_model != str(self.base_model) or state.info.rank != self.rank:
+            raise CheckpointError(
+                f"checkpoint {directory} holds a rank-{state.info.rank} adapter for {state.info.base_model}; "
+                f"this client trains a rank-{self.rank} adapter for {self.base_model}"
+            )
+        names = [name for name, _ in self._params]
+        if sorted(state.adapter) != sorted(names):
+            raise CheckpointError(
+                f"checkpoint {directory}: adapter tensors do not match this model's LoRA layers"
+            )
+        with torch.no_grad():
+            for name, param in self._params:
+                param.copy_(state.adapter[name])
+        if with_optimizer:
+            assert state.optimizer is not None and state.rng is not None
+            self._optimizer.load_state_dict(state.optimizer)
+            self._generator.set_state(state.rng["generator"])
+            self._step = state.info.step
+        else:
+            self._optimizer = self._new_optimizer()
+        # Gradients accumulated before the load were taken at other weights.
+        self._optimizer.zero_grad(set_to_none=True)
+        return types.LoadWeightsResponse(path=uri)
+
+    def _save_sampler(self, name: str) -> types.SaveWeightsForSamplerResponse:
+        target = self.session_dir / "sampler" / name
+        info = SamplerInfo(
+            base_model=str(self.base_model), rank=self.rank, step=self._step, session_id=self.session_id
+        )
+        write_sampler(target, info, lambda directory: self._model.save_pretrained(str(directory)))
+        return types.SaveWeightsForSamplerResponse(path=uri_for_path(target))
+
+    def _new_optimizer(self) -> torch.optim.AdamW:
+        # Hyperparameters are set from each optim_step's AdamParams; these are placeholders.
+        return torch.optim.AdamW([p for _, p in self._params], lr=0.0, weight_decay=0.0)
+
+
+def _check_adam(adam: types.AdamParams) -> None:
+    checks = {
+        "learning_rate": adam.learning_rate >= 0,
+        "beta1": 0 <= adam.beta1 < 1,
+        "beta2": 0 <= adam.beta2 < 1,
+        "eps": adam.eps >= 0,
+        "weight_decay": adam.weight_decay >= 0,
+        "grad_clip_norm": adam.grad_clip_norm >= 0,
+    }
+    for field, ok in checks.items():
+        value = getattr(adam, field)
+        if not ok or not math.isfinite(value):
+            raise ValueError(f"AdamParams.{field}={value} is out of range")
+
+
+def _lora_model(base_model: Path, rank: int, seed: int, runtime: EngineRuntime) -> Any:
+    """The base model with LoRA on every linear layer, initialised on the CPU under ``seed`` (so the
+    init does not depend on the device), then moved to the engine's device. Base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(base_model, runtime.dtype)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    peft_model.to(runtime.device)
+    peft_model.train()
+    return peft_model
