@@ -1,6 +1,5 @@
 """``supervised_job``: the whole supervised group, configured by one flat, validated run config."""
 
-from __future__ import annotations
 
 import dagster as dg
 

@@ -152,7 +152,16 @@ def run_workflow(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"kitchen: {err}", file=sys.stderr)
         return 2
-    job = defs.get_job_def(f"{args.workflow}_job")
+    from resources.training import BackendUnavailableError
+
+    try:
+        # Before the run starts, so a missing key or an unreachable service is one clear line, not a run.
+        with dg.build_resources({"training": defs.resources["training"]}) as resources:
+            resources.training.preflight()
+    except BackendUnavailableError as err:
+        print(f"kitchen: {err}", file=sys.stderr)
+        return 1
+    job = defs.resolve_job_def(f"{args.workflow}_job")
     with dg.DagsterInstance.get() as instance:
         result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
     if not result.success:

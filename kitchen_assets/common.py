@@ -4,16 +4,14 @@ Each workflow (supervised, dpo, rl, distillation) calls these with its own name,
 asset exist once per workflow group with their own lineage and config.
 """
 
-from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from kitchen.data import build_datums, load_dataset_source, save_dataset, write_datums
-from kitchen.hashing import hash_json
-from kitchen.home import home_dir
+from kitchen.data import build_datums, load_dataset_source, load_saved_dataset, save_dataset, save_datums, tokenizer_fingerprint
 from kitchen.manifests import BaseModelManifest, DatasetManifest, DatumsManifest
 from kitchen_assets.config import DatasetConfig, DatumsConfig, ModelConfig
 from kitchen_assets.metadata import histogram_markdown, markdown_table
@@ -117,32 +115,17 @@ def datums_asset(workflow: str) -> dg.AssetsDefinition:
         base_model: BaseModelManifest,
         dataset: DatasetManifest,
     ) -> DatumsManifest:
-        from datasets import load_from_disk
-
         tokenizer = load_tokenizer(base_model)
         built = build_datums(
-            load_from_disk(dataset.path), tokenizer, train_on=config.train_on, max_length=config.max_length
+            load_saved_dataset(dataset.path), tokenizer, train_on=config.train_on, max_length=config.max_length
         )
-        key = hash_json([dataset.content_hash, base_model.content_hash, config.max_length, config.train_on])
-        out = home_dir("datums", workflow, key[:16])
-        train_path, test_path = out / "train.parquet", out / "test.parquet"
-        write_datums(train_path, built.train)
-        write_datums(test_path, built.test)
-        stats = built.stats
-        manifest = DatumsManifest(
-            train_path=str(train_path),
-            test_path=str(test_path),
-            content_hash=built.content_hash,
-            tokenizer_hash=base_model.content_hash,
-            num_datums=len(built.train),
-            num_test_datums=len(built.test),
-            num_tokens=stats.tokens,
-            trained_tokens=stats.trained_tokens,
-            max_length=config.max_length,
-            train_on=config.train_on,
-            truncated_rows=stats.truncated,
-            dropped_rows=dict(stats.dropped),
-        )
+        if not built.train:
+            raise ValueError(
+                f"no training datums remain after rendering (dropped: {built.train_stats.dropped}); "
+                f"raise --max-length (now {config.max_length}) or check the dataset"
+            )
+        manifest = save_datums(built, tokenizer_fingerprint(tokenizer))
+        stats = built.train_stats
         context.add_output_metadata(
             {
                 "datums": manifest.num_datums,
@@ -152,9 +135,11 @@ def datums_asset(workflow: str) -> dg.AssetsDefinition:
                 "truncated_rows": manifest.truncated_rows,
                 "dropped_rows": dg.MetadataValue.json(manifest.dropped_rows),
                 "length_histogram": dg.MetadataValue.md(histogram_markdown(stats.length_histogram)),
+                "mean_tokens": stats.mean_tokens,
+                "max_tokens": stats.max_tokens,
                 "content_hash": manifest.content_hash,
                 "train_on": config.train_on,
-                "path": dg.MetadataValue.path(str(out)),
+                "path": dg.MetadataValue.path(str(Path(manifest.train_path).parent)),
             }
         )
         return manifest

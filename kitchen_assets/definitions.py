@@ -24,7 +24,7 @@ def training_backend(name: str | None = None) -> TrainingBackend:
     if name == "tinker":
         from resources.tinker_backend import TinkerBackend
 
-        return TinkerBackend()
+        return TinkerBackend.from_env()
     raise ValueError(f"unknown training backend {name!r}; expected 'local' or 'tinker'")
 
 

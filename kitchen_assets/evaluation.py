@@ -1,6 +1,5 @@
 """The eval report: base and trained model scored on the same held-out data in the same run."""
 
-from __future__ import annotations
 
 import json
 import time
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from kitchen.data import prompt_and_answer, read_datums
+from kitchen.data import load_saved_dataset, prompt_and_answer, read_datums
 from kitchen.eval.heldout import GenerationExample, HeldoutResult, evaluate_heldout
 from kitchen.home import home_dir
 from kitchen.manifests import BaseModelManifest, DatasetManifest, DatumsManifest, EvalManifest, WeightsManifest
@@ -53,18 +52,18 @@ def eval_report_asset(workflow: str) -> dg.AssetsDefinition:
         datums: DatumsManifest,
         trained_weights: WeightsManifest,
     ) -> EvalManifest:
-        from datasets import load_from_disk
-
         started = time.perf_counter()
         tokenizer = load_tokenizer(base_model)
-        test_rows = load_from_disk(dataset.path)["test"]
+        test_rows = load_saved_dataset(dataset.path)["test"]
         n = min(config.eval_examples, len(test_rows))
         examples = []
         for row in test_rows.select(range(n)):
-            prompt_tokens, reference = prompt_and_answer(row, tokenizer)
+            rendered = prompt_and_answer(row, tokenizer)
             examples.append(
                 GenerationExample(
-                    prompt_tokens=prompt_tokens, reference=reference, prompt_text=row["messages"][-2]["content"]
+                    prompt_tokens=rendered.prompt_tokens,
+                    reference=rendered.answer,
+                    prompt_text=rendered.prompt_messages[-1]["content"] if rendered.prompt_messages else "",
                 )
             )
         test_datums = read_datums(Path(datums.test_path))[:n]

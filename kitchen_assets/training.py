@@ -4,7 +4,6 @@ A workflow supplies how its datums become per-step batches and which loss the lo
 (``kitchen.training.loop``) is the same for all of them.
 """
 
-from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict

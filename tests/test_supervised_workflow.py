@@ -21,6 +21,12 @@ from kitchen_assets.supervised import SUPERVISED_OP_CONFIGS
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _instance_at(home: Path) -> dg.DagsterInstance:
+    from dagster._core.instance.ref import InstanceRef
+
+    return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))
+
+
 def tiny_run_config(model_dir: Path, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "model": str(model_dir),
@@ -40,7 +46,7 @@ def tiny_run_config(model_dir: Path, **overrides: Any) -> dict[str, Any]:
 
 
 def _run_job(run_config: dict[str, Any]) -> dg.ExecuteInProcessResult:
-    job = build_definitions("local").get_job_def("supervised_job")
+    job = build_definitions("local").resolve_job_def("supervised_job")
     with dg.DagsterInstance.ephemeral() as instance:
         return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
 
@@ -91,7 +97,7 @@ def test_supervised_job_materialises_every_asset(tiny_model_dir: Path) -> None:
 
 
 def test_out_of_range_config_fails_at_launch_before_any_asset(tiny_model_dir: Path) -> None:
-    job = build_definitions("local").get_job_def("supervised_job")
+    job = build_definitions("local").resolve_job_def("supervised_job")
     with dg.DagsterInstance.ephemeral() as instance, pytest.raises(dg.DagsterConfigMappingFunctionError):
         job.execute_in_process(run_config=tiny_run_config(tiny_model_dir, epochs=0), instance=instance)
     assert not (Path(os.environ["KITCHEN_HOME"]) / "manifests").exists()
@@ -121,7 +127,7 @@ def test_cli_runs_supervised_and_prints_summary(tiny_model_dir: Path, tmp_path: 
     assert "exact_match" in proc.stdout and "nll" in proc.stdout
     assert "step 2/2 loss" in proc.stderr  # progress lines from the training asset
     # The run landed in the persistent instance the UI reads.
-    with dg.DagsterInstance.from_ref(dg.InstanceRef.from_dir(str(tmp_path / "dagster"))) as instance:
+    with _instance_at(tmp_path / "dagster") as instance:
         runs = instance.get_runs()
         assert len(runs) == 1 and runs[0].job_name == "supervised_job"
 
@@ -160,6 +166,6 @@ def test_dagster_asset_materialize_cli_on_tiny_config(tiny_model_dir: Path, tmp_
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with dg.DagsterInstance.from_ref(dg.InstanceRef.from_dir(str(tmp_path / "dagster"))) as instance:
+    with _instance_at(tmp_path / "dagster") as instance:
         for name in ("base_model", "dataset", "datums", "checkpoints", "trained_weights", "eval_report"):
             assert instance.get_latest_materialization_event(dg.AssetKey(["supervised", name])) is not None
