@@ -72,11 +72,20 @@ def sft_batches(datums: list[types.Datum], config: TrainingConfig) -> list:  # t
     )
 
 
+# A transient failure (dropped connection, timed-out request) reruns the step, and the rerun resumes from the
+# ledger's latest checkpoint; any other error fails the step at once (allow_retries=False below).
+TRAIN_RETRY_POLICY = dg.RetryPolicy(
+    max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
+
+
 def training_multi_asset(workflow: str, *, loss_fn: str = "cross_entropy",
-                         batch_builder: BatchBuilder = sft_batches) -> dg.AssetsDefinition:
+                         batch_builder: BatchBuilder = sft_batches,
+                         retry_policy: dg.RetryPolicy | None = TRAIN_RETRY_POLICY) -> dg.AssetsDefinition:
     @dg.multi_asset(
         name=f"{workflow}__train",
         group_name=workflow,
+        retry_policy=retry_policy,
         outs={
             "checkpoints": dg.AssetOut(
                 key=[workflow, "checkpoints"],
@@ -127,10 +136,15 @@ def training_multi_asset(workflow: str, *, loss_fn: str = "cross_entropy",
             f"training {len(batches)} steps on {training.backend_name} "
             f"(batch {config.batch_size}, lr {lr:.2e}, rank {config.lora_rank}); run dir {run_dir}"
         )
-        result = run_training(
-            training.service_client(), spec, batches, run_dir, key=key,
-            observer=DagsterLogObserver(context), resume=config.resume,
-        )
+        try:
+            result = run_training(
+                training.service_client(), spec, batches, run_dir, key=key,
+                observer=DagsterLogObserver(context), resume=config.resume,
+            )
+        except Exception as err:
+            if training.is_transient(err):
+                raise
+            raise dg.Failure(description=f"{type(err).__name__}: {err}", allow_retries=False) from err
         hyper = {
             "learning_rate": lr, "lr_schedule": config.lr_schedule, "warmup_steps": config.warmup_steps,
             "epochs": config.epochs, "batch_size": config.batch_size, "lora_rank": config.lora_rank,

@@ -11,6 +11,10 @@ from kitchen.manifests import BaseModelManifest
 from resources.contract import ServiceClient
 
 
+class BackendUnavailableError(RuntimeError):
+    """The backend cannot be used (missing credentials, unreachable service); raised before any work."""
+
+
 class TrainingBackend(dg.ConfigurableResource, ABC):  # type: ignore[misc]
     """A factory for the contract's ``ServiceClient``; bind ``LocalBackend`` or ``TinkerBackend`` as ``training``."""
 
@@ -27,6 +31,13 @@ class TrainingBackend(dg.ConfigurableResource, ABC):  # type: ignore[misc]
 
     def preflight(self) -> None:  # noqa: B027 - optional hook
         """Fail fast (before any asset does work) when the backend cannot be used; a no-op by default."""
+
+    def is_transient(self, error: BaseException) -> bool:
+        """Whether retrying the training step may succeed (and resume from its last checkpoint).
+
+        Network-shaped errors by default; a backend adds its client library's retryable errors.
+        """
+        return isinstance(error, ConnectionError | TimeoutError | BackendUnavailableError)
 
 
 class LocalBackend(TrainingBackend):
