@@ -121,10 +121,11 @@ def _print_summary(workflow: str, run_id: str) -> None:
     weights = read_manifest(dg.AssetKey([workflow, "trained_weights"]))
     report = read_manifest(dg.AssetKey([workflow, "eval_report"]))
     assert isinstance(weights, WeightsManifest) and isinstance(report, EvalManifest)
-    console.print(f"\n[bold]{workflow} run {run_id}[/bold]")
-    console.print(f"weights (for sampling): {weights.sampler_path}")
-    console.print(f"training state:         {weights.state_path}")
-    console.print(f"steps: {weights.steps}   final train loss: {_fmt(weights.final_loss)}")
+    # Paths go through plain print: rich would wrap them mid-URI.
+    print(f"\n{workflow} run {run_id}")
+    print(f"weights (for sampling): {weights.sampler_path}")
+    print(f"training state:         {weights.state_path}")
+    print(f"steps: {weights.steps}   final train loss: {_fmt(weights.final_loss)}")
     table = Table(title=f"held-out evaluation ({report.num_examples} examples, {report.seconds:.0f}s)")
     for col in ("metric", "base", "trained", "delta"):
         table.add_column(col, justify="left" if col == "metric" else "right")
@@ -132,8 +133,8 @@ def _print_summary(workflow: str, run_id: str) -> None:
         trained = report.trained.get(name, math.nan)
         table.add_row(name, _fmt(base), _fmt(trained), f"{trained - base:+.4f}")
     console.print(table)
-    console.print(f"report: {report.report_path}")
-    console.print(f"open the run in the UI: DAGSTER_HOME={os.environ['DAGSTER_HOME']} make ui")
+    print(f"report: {report.report_path}")
+    print(f"open the run in the UI: DAGSTER_HOME={os.environ['DAGSTER_HOME']} make ui")
 
 
 def run_workflow(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ def test_default_sizes_and_determinism_by_seed() -> None:
     first = builtin_dataset("kitchen/arithmetic", seed=0)
     again = builtin_dataset("arithmetic", seed=0)
     other = builtin_dataset("kitchen/arithmetic", seed=1)
-    assert (len(first["train"]), len(first["test"])) == (2000, 200)
+    assert (len(first["train"]), len(first["test"])) == (1280, 200)
     assert first["train"].to_list() == again["train"].to_list()
     assert first["test"].to_list() == again["test"].to_list()
     assert _prompts(first["test"].to_list()) != _prompts(other["test"].to_list())

@@ -100,7 +100,7 @@ _ARITHMETIC_SPACE = 90 * 90 + sum(range(1, 91)) + 90 * 8
 @register_builtin(
     "kitchen/arithmetic",
     description="Two-digit addition/subtraction and small multiplication; the answer is the number.",
-    train_size=2000,
+    train_size=1280,
     test_size=200,
     aliases=("arithmetic",),
 )
