@@ -1,6 +1,6 @@
 """Training throughput of the local engine: tokens/s and seconds per step for a few batch shapes.
 
-    python bench/training_throughput.py [--model SmolLM2-135M-Instruct] [--steps 3] [--shapes 8x64,16x64,8x256]
+    python bench/training_throughput.py [--model M] [--steps 3] [--shapes 8x64,16x64,8x256]
 
 Prints a table. Each shape runs one warm-up step, then ``--steps`` timed forward_backward + optim_step
 pairs on random tokens with every target weighted (the cost of SFT at that shape).
@@ -33,7 +33,9 @@ def _batch(vocab: int, batch: int, length: int, rng: random.Random) -> list[type
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rank", type=int, default=32)
@@ -61,8 +63,10 @@ def main() -> None:
         step = statistics.median(times)
         rows.append((shape, batch * length, step, batch * length / step))
 
-    print(f"model {args.model} ({base.num_parameters or '?'} params), LoRA rank {args.rank}, "
-          f"{args.steps} timed steps per shape (median)")
+    print(
+        f"model {args.model} ({base.num_parameters or '?'} params), LoRA rank {args.rank}, "
+        f"{args.steps} timed steps per shape (median)"
+    )
     print(f"{'batch x len':>12} {'tokens':>8} {'s/step':>8} {'tokens/s':>9}")
     for shape, tokens, step, tps in rows:
         print(f"{shape:>12} {tokens:>8} {step:>8.2f} {tps:>9.1f}")

@@ -114,13 +114,32 @@ def test_unknown_dataset_fails_naming_it(tiny_model_dir: Path) -> None:
 def test_cli_runs_supervised_and_prints_summary(tiny_model_dir: Path, tmp_path: Path) -> None:
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster")}
     args = [
-        "--model", str(tiny_model_dir), "--max-rows", "32", "--batch-size", "8", "--max-steps", "2",
-        "--learning-rate", "0.005", "--lora-rank", "4", "--max-length", "64", "--eval-examples", "4",
-        "--eval-max-tokens", "4",
+        "--model",
+        str(tiny_model_dir),
+        "--max-rows",
+        "32",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "2",
+        "--learning-rate",
+        "0.005",
+        "--lora-rank",
+        "4",
+        "--max-length",
+        "64",
+        "--eval-examples",
+        "4",
+        "--eval-max-tokens",
+        "4",
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "kitchen.cli", "run", "supervised", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out evaluation" in proc.stdout
@@ -136,7 +155,11 @@ def test_cli_rejects_out_of_range_flags_before_work(tmp_path: Path) -> None:
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster")}
     proc = subprocess.run(
         [sys.executable, "-m", "kitchen.cli", "run", "supervised", "--epochs", "0", "--learning-rate", "-1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "--epochs" in proc.stderr and "--learning-rate" in proc.stderr
@@ -148,8 +171,17 @@ def test_cli_help_documents_run() -> None:
         [sys.executable, "-m", "kitchen.cli", "run", "--help"], cwd=REPO, capture_output=True, text=True
     )
     assert proc.returncode == 0
-    for flag in ("--model", "--dataset", "--epochs", "--batch-size", "--learning-rate", "--lora-rank",
-                 "--max-length", "--max-steps", "--backend"):
+    for flag in (
+        "--model",
+        "--dataset",
+        "--epochs",
+        "--batch-size",
+        "--learning-rate",
+        "--lora-rank",
+        "--max-length",
+        "--max-steps",
+        "--backend",
+    ):
         assert flag in proc.stdout
 
 
@@ -161,9 +193,22 @@ def test_dagster_asset_materialize_cli_on_tiny_config(tiny_model_dir: Path, tmp_
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster")}
     (tmp_path / "dagster").mkdir()
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "kitchen_assets.definitions",
-         "--select", "group:supervised", "--config", str(config_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "kitchen_assets.definitions",
+            "--select",
+            "group:supervised",
+            "--config",
+            str(config_path),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with _instance_at(tmp_path / "dagster") as instance:

@@ -81,11 +81,11 @@ def generate(
     examples: Sequence[GenerationExample],
     *,
     max_tokens: int,
-    stop: Sequence[str] | Sequence[int],
+    stop: list[str] | list[int],
     seed: int = 0,
 ) -> list[str]:
     """Greedy completions for every example, decoded with the client's tokenizer."""
-    params = types.SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=list(stop), seed=seed)
+    params = types.SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop, seed=seed)
     futures = [
         client.sample(types.ModelInput.from_ints(ex.prompt_tokens), num_samples=1, sampling_params=params)
         for ex in examples
@@ -102,7 +102,7 @@ def evaluate_heldout(
     examples: Sequence[GenerationExample],
     *,
     max_tokens: int,
-    stop: Sequence[str] | Sequence[int],
+    stop: list[str] | list[int],
     num_samples_to_keep: int = 5,
 ) -> HeldoutResult:
     """NLL/perplexity on ``datums`` and exact match plus token P/R/F1 of greedy generations."""

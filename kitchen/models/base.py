@@ -96,8 +96,8 @@ def _dequantize_gguf(gguf: Path, target: Path, *, source_hash: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers refuses to serialise a model "quantized with gguf"; the weights are already plain
     # float tensors after loading, so dropping the marker makes it an ordinary checkpoint.
-    model.hf_quantizer = None
-    model.is_quantized = False
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,9 @@ def _from_hub(name: str, timeout_s: float) -> BaseModelManifest:
         info = HfApi().model_info(name, timeout=timeout_s)
         local = snapshot_download(name, revision=info.sha, allow_patterns=_HUB_PATTERNS)
     except (RepositoryNotFoundError, GatedRepoError) as err:
-        raise ModelResolutionError(f"model {name!r}: {tried}, and the Hugging Face Hub has no such model") from err
+        raise ModelResolutionError(
+            f"model {name!r}: {tried}, and the Hugging Face Hub has no such model"
+        ) from err
     except HFValidationError as err:
         raise ModelResolutionError(f"model {name!r}: {tried}, and not a valid Hub id ({err})") from err
     except HUB_UNREACHABLE_ERRORS as err:

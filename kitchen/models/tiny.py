@@ -18,10 +18,41 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _corpus() -> list[str]:
-    words = (
-        "what is the sum of plus minus times answer question reverse word letters count number "
-        "you are a helpful assistant user system please give only result hello world the cat sat on mat"
-    ).split()
+    words = [
+        "what",
+        "is",
+        "the",
+        "sum",
+        "of",
+        "plus",
+        "minus",
+        "times",
+        "answer",
+        "question",
+        "reverse",
+        "word",
+        "letters",
+        "count",
+        "number",
+        "you",
+        "are",
+        "a",
+        "helpful",
+        "assistant",
+        "user",
+        "system",
+        "please",
+        "give",
+        "only",
+        "result",
+        "hello",
+        "world",
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "mat",
+    ]
     lines = [" ".join(words[i : i + 7]) for i in range(0, len(words), 3)]
     lines += [f"{a} + {b} = {a + b}" for a in range(0, 100, 7) for b in range(0, 100, 11)]
     lines += ["".join(chr(c) for c in range(32, 127))]

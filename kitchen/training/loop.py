@@ -11,6 +11,7 @@ future is awaited and recorded, none dropped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -169,7 +170,11 @@ class Ledger:
     def save(self) -> None:
         _write_json_atomic(
             self.path,
-            {"key": self.key, "complete": self.complete, "checkpoints": [asdict(c) for c in self.checkpoints]},
+            {
+                "key": self.key,
+                "complete": self.complete,
+                "checkpoints": [asdict(c) for c in self.checkpoints],
+            },
         )
 
 
@@ -233,8 +238,10 @@ def run_training(
 
     final_state = client.save_state("final").result().path
     final_sampler = client.save_weights_for_sampler("final").result().path
-    for checkpoint in (Checkpoint(spec.total_steps, final_state, "state"),
-                       Checkpoint(spec.total_steps, final_sampler, "sampler")):
+    for checkpoint in (
+        Checkpoint(spec.total_steps, final_state, "state"),
+        Checkpoint(spec.total_steps, final_sampler, "sampler"),
+    ):
         ledger.add(checkpoint)
         observer.on_checkpoint(checkpoint)
     ledger.complete = True
@@ -316,7 +323,9 @@ def _drive(
             )
             fb = client.forward_backward(batch.datums, spec.loss_fn)
             opt = client.optim_step(spec.adam(lr))
-            is_save_step = spec.save_every > 0 and (step + 1) % spec.save_every == 0 and step + 1 < spec.total_steps
+            is_save_step = (
+                spec.save_every > 0 and (step + 1) % spec.save_every == 0 and step + 1 < spec.total_steps
+            )
             save = client.save_state(f"step-{step + 1:06d}") if is_save_step else None
             pending.append(_InFlight(step, batch, lr, fb, opt, save))
             while len(pending) >= spec.max_in_flight:
@@ -328,10 +337,8 @@ def _drive(
         for item in pending:
             for future in (item.forward_backward, item.optim, item.save):
                 if future is not None:
-                    try:
+                    with contextlib.suppress(Exception):  # the original error is already propagating
                         future.result()
-                    except Exception:  # noqa: BLE001 - the original error is already propagating
-                        pass
     return metrics
 
 
