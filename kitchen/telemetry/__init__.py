@@ -1,0 +1,66 @@
+"""Kitchen telemetry: every workflow, stage and training event, emitted once and fanned out to sinks.
+
+    from kitchen import telemetry
+
+    telemetry.attach("my-handler", "kitchen.training", lambda event: print(event.name, event.measurements))
+    telemetry.detach("my-handler")
+
+See ``events.py`` for the catalogue and ``sinks/`` for JSONL, MLflow and OpenTelemetry; the Dagster side
+(lifecycle events, the Dagster sink) is ``kitchen_assets.telemetry``.
+"""
+
+from kitchen.telemetry.events import (
+    EVAL_COMPLETE,
+    HANDLER_FAILED,
+    MODEL_REGISTERED,
+    STAGE_EXCEPTION,
+    STAGE_START,
+    STAGE_STOP,
+    TRAINING_CHECKPOINT,
+    TRAINING_EPOCH,
+    TRAINING_STEP,
+    WORKFLOW_EXCEPTION,
+    WORKFLOW_START,
+    WORKFLOW_STOP,
+    EventSpec,
+    Handler,
+    TelemetryEvent,
+    attach,
+    attached,
+    attached_handler,
+    catalogue,
+    current_scope,
+    detach,
+    emit,
+    emit_model_registered,
+    register_event,
+    scope,
+)
+
+__all__ = [
+    "EVAL_COMPLETE",
+    "HANDLER_FAILED",
+    "MODEL_REGISTERED",
+    "STAGE_EXCEPTION",
+    "STAGE_START",
+    "STAGE_STOP",
+    "TRAINING_CHECKPOINT",
+    "TRAINING_EPOCH",
+    "TRAINING_STEP",
+    "WORKFLOW_EXCEPTION",
+    "WORKFLOW_START",
+    "WORKFLOW_STOP",
+    "EventSpec",
+    "Handler",
+    "TelemetryEvent",
+    "attach",
+    "attached",
+    "attached_handler",
+    "catalogue",
+    "current_scope",
+    "detach",
+    "emit",
+    "emit_model_registered",
+    "register_event",
+    "scope",
+]
