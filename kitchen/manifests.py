@@ -98,3 +98,30 @@ class EvalManifest(Manifest):
     trained: dict[str, float]
     num_examples: int
     seconds: float
+    gate_passed: bool | None = Field(
+        default=None,
+        description="The eval gate's verdict when the report records one (registration reads it).",
+    )
+
+
+class RegisteredModelManifest(Manifest):
+    """Trained weights registered as a version of an MLflow registered model, and the alias it got."""
+
+    name: str
+    version: str
+    model_uri: str = Field(description="models:/NAME/VERSION")
+    source: str = Field(
+        description="Where the version's files live: the run's model/ artifacts, or tinker://."
+    )
+    run_id: str | None
+    experiment_id: str | None
+    tracking_uri: str = Field(description="The tracking server or store, credentials removed.")
+    weights_hash: str
+    created: bool = Field(description="False when these weights were already registered (no new version).")
+    alias: Literal["champion", "challenger"]
+    promotion_reason: str
+    primary_metric: str
+    value: float | None
+    previous_champion: str | None
+    previous_champion_value: float | None
+    gate_passed: bool

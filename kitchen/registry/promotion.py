@@ -1,0 +1,115 @@
+"""The champion/challenger rule: who gets the ``champion`` alias after a new version is registered.
+
+A new version becomes ``champion`` only when it passed the eval gate and strictly beats the current
+champion on the primary metric; otherwise it becomes ``challenger``. A champion that records no value
+for the metric is not displaced: there is no evidence the newcomer is better.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from kitchen.manifests import EvalManifest
+
+Alias = Literal["champion", "challenger"]
+CHAMPION: Literal["champion"] = "champion"
+CHALLENGER: Literal["challenger"] = "challenger"
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    source: str  # where the verdict came from, so the metadata says which rule applied
+
+
+def eval_gate(report: EvalManifest, *, lower_is_better: bool) -> GateResult:
+    """The eval gate's verdict for ``report``.
+
+    The eval report's own ``gate_passed`` wins when it records one (the blocking asset check sets the
+    rule). Without it the registry applies a stated default: the trained model's primary metric is
+    finite and no worse than the base model's.
+    """
+    if report.gate_passed is not None:
+        return GateResult(report.gate_passed, "eval_report.gate_passed")
+    metric = report.primary_metric
+    trained, base = report.trained.get(metric), report.base.get(metric)
+    if not _finite(trained):
+        return GateResult(False, f"default rule: trained {metric} is missing or not finite")
+    if not _finite(base):
+        return GateResult(True, f"default rule: trained {metric} is finite and the base has none to compare")
+    assert trained is not None and base is not None
+    passed = trained <= base if lower_is_better else trained >= base
+    relation = "no worse than" if passed else "worse than"
+    return GateResult(passed, f"default rule: trained {metric} {trained:.4g} is {relation} base {base:.4g}")
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """Which alias the new version got, and the numbers behind it (recorded as tags and metadata)."""
+
+    alias: Alias
+    reason: str
+    metric: str
+    value: float | None
+    lower_is_better: bool
+    gate_passed: bool
+    gate_source: str
+    previous_champion: str | None
+    previous_champion_value: float | None
+
+    @property
+    def promoted(self) -> bool:
+        return self.alias == CHAMPION
+
+    def as_dict(self) -> dict[str, object]:
+        return {**asdict(self), "promoted": self.promoted}
+
+
+def decide_promotion(
+    *,
+    version: str,
+    metric: str,
+    value: float | None,
+    lower_is_better: bool,
+    gate: GateResult,
+    champion_version: str | None,
+    champion_value: float | None,
+) -> PromotionDecision:
+    """Apply the rule; ``champion_*`` describe the current holder of the alias (None: nobody)."""
+
+    def decide(alias: Alias, reason: str) -> PromotionDecision:
+        return PromotionDecision(
+            alias=alias,
+            reason=reason,
+            metric=metric,
+            value=value,
+            lower_is_better=lower_is_better,
+            gate_passed=gate.passed,
+            gate_source=gate.source,
+            previous_champion=champion_version,
+            previous_champion_value=champion_value,
+        )
+
+    if champion_version == version:
+        return decide(CHAMPION, "is already the champion (registering the same weights again keeps it)")
+    if not gate.passed:
+        return decide(CHALLENGER, f"did not pass the eval gate ({gate.source})")
+    if not _finite(value):
+        return decide(CHALLENGER, f"has no finite {metric} to compare")
+    if champion_version is None:
+        return decide(CHAMPION, f"passed the gate and there is no champion yet ({metric} {value:.4g})")
+    if not _finite(champion_value):
+        return decide(CHALLENGER, f"champion v{champion_version} records no {metric}, so it cannot be beaten")
+    assert value is not None and champion_value is not None
+    beats = value < champion_value if lower_is_better else value > champion_value
+    direction = "lower" if lower_is_better else "higher"
+    verdict = "beats" if beats else "does not beat"
+    against = f"champion v{champion_version}'s {champion_value:.4g}"
+    reason = f"{metric} {value:.4g} {verdict} {against} ({direction} wins)"
+    return decide(CHAMPION if beats else CHALLENGER, reason)
