@@ -332,13 +332,21 @@ def _drive(
                 complete_oldest()
         while pending:
             complete_oldest()
-    finally:
-        # Await whatever is still outstanding so no request is abandoned mid-flight; the first error wins.
-        for item in pending:
-            for future in (item.forward_backward, item.optim, item.save):
-                if future is not None:
-                    with contextlib.suppress(Exception):  # the original error is already propagating
-                        future.result()
+    except BaseException:
+        # Finish what was already submitted before re-raising: steps whose results arrive are recorded
+        # and their checkpoints enter the ledger, so a retry resumes as late as possible. Nothing is
+        # abandoned mid-flight; the first error wins.
+        while pending:
+            try:
+                complete_oldest()
+            except Exception:
+                for item in pending:
+                    for future in (item.forward_backward, item.optim, item.save):
+                        if future is not None:
+                            with contextlib.suppress(Exception):
+                                future.result()
+                pending.clear()
+        raise
     return metrics
 
 
