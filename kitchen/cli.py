@@ -41,6 +41,9 @@ _FLAG_FIELDS = {
     "seed": "seed",
     "eval_examples": "eval_examples",
     "eval_max_tokens": "eval_max_tokens",
+    "eval_tasks": "eval_tasks",
+    "gate_metric": "gate_metric",
+    "gate_margin": "gate_margin",
     "log_level": "log_level",
 }
 
@@ -76,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="training seed (default 0)")
     run.add_argument("--eval-examples", type=int, help="held-out rows to generate and score (default 100)")
     run.add_argument("--eval-max-tokens", type=int, help="max new tokens per evaluation generation (16)")
+    run.add_argument("--eval-tasks", help="extra lm-eval tasks, comma-separated (gsm8k,hellaswag, or "
+                     "Kitchen's kitchen_arithmetic); the held-out tasks always run")
+    run.add_argument("--gate-metric", help="the quality gate's primary metric (default exact_match; nll, f1, "
+                     "... or <task>/<metric>)")
+    run.add_argument("--gate-margin", type=float,
+                     help="how much the trained model must beat the base on the gate metric (default 0.02)")
     run.add_argument("--backend", choices=("local", "tinker"), default=None,
                      help="training backend (default $KITCHEN_BACKEND or local)")
     run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")
@@ -114,6 +123,7 @@ def _print_summary(workflow: str, run_id: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from kitchen.eval.report import gate_summary
     from kitchen.manifests import EvalManifest, WeightsManifest
     from kitchen_assets.io import read_manifest
 
@@ -126,13 +136,15 @@ def _print_summary(workflow: str, run_id: str) -> None:
     print(f"weights (for sampling): {weights.sampler_path}")
     print(f"training state:         {weights.state_path}")
     print(f"steps: {weights.steps}   final train loss: {_fmt(weights.final_loss)}")
-    table = Table(title=f"held-out evaluation ({report.num_examples} examples, {report.seconds:.0f}s)")
+    title = f"held-out evaluation, lm-eval ({report.num_examples} examples per task, {report.seconds:.0f}s)"
+    table = Table(title=title)
     for col in ("metric", "base", "trained", "delta"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for name, base in report.base.items():
         trained = report.trained.get(name, math.nan)
         table.add_row(name, _fmt(base), _fmt(trained), f"{trained - base:+.4f}")
     console.print(table)
+    print(gate_summary(report.report_path))
     print(f"report: {report.report_path}")
     print(f"open the run in the UI: DAGSTER_HOME={os.environ['DAGSTER_HOME']} make ui")
 
@@ -173,6 +185,9 @@ def run_workflow(args: argparse.Namespace) -> int:
                 message = error.message.strip() if error else "unknown error"
                 cause = error.cause.message.strip() if error and error.cause else ""
                 print(f"  step {event.step_key}: {cause or message}", file=sys.stderr)
+        evaluated = {e.asset_key for e in result.get_asset_materialization_events()}
+        if dg.AssetKey([args.workflow, "eval_report"]) in evaluated:
+            _print_summary(args.workflow, result.run_id)  # evaluation ran: show its table and the gate
         return 1
     _print_summary(args.workflow, result.run_id)
     return 0

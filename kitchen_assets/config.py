@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from kitchen.models.base import DEFAULT_MODEL
 
@@ -64,11 +64,75 @@ class TrainingConfig(dg.Config):  # type: ignore[misc]
 
 
 class EvalConfig(dg.Config):  # type: ignore[misc]
-    eval_examples: int = Field(default=100, ge=0, le=100000, description="Test rows generated and scored.")
+    eval_examples: int = Field(
+        default=100, ge=1, le=100000, description="Documents scored per task (lm-eval's limit)."
+    )
     eval_max_tokens: int = Field(default=16, ge=1, le=4096, description="Max new tokens per generation.")
+    eval_tasks: list[str] = Field(
+        default=[],
+        description="Extra lm-eval tasks (gsm8k, hellaswag, ...) or Kitchen tasks (kitchen_arithmetic), "
+        "scored for base and trained model; the held-out tasks always run. Unknown names fail at launch.",
+    )
+    gate_metric: str = Field(
+        default="exact_match",
+        description="The quality gate's primary metric: a held-out one (exact_match, f1, precision, recall, "
+        "nll, perplexity) or '<task>/<metric>' from an eval task.",
+    )
+    gate_margin: float = Field(
+        default=0.02, ge=0.0, le=1e6, description="How much the trained model must beat the base by."
+    )
+    gate_max_nll_increase: float = Field(
+        default=0.0, ge=0.0, le=1e6, description="How much held-out NLL may rise before the gate fails."
+    )
+
+    @field_validator("eval_tasks", mode="before")
+    @classmethod
+    def _split_task_list(cls, value: Any) -> Any:
+        """``"gsm8k,hellaswag"`` (the CLI's form) becomes a list."""
+        return [t for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+
+    @field_validator("eval_tasks")
+    @classmethod
+    def _known_tasks(cls, value: list[str]) -> list[str]:
+        from kitchen.eval.harness import EvalTaskError, check_task_names
+
+        try:
+            return check_task_names(value)
+        except EvalTaskError as err:
+            raise ValueError(str(err)) from err
+
+    @field_validator("gate_metric")
+    @classmethod
+    def _heldout_or_qualified(cls, value: str) -> str:
+        from kitchen.eval.harness import HELDOUT_METRICS
+
+        if "/" not in value and value not in HELDOUT_METRICS:
+            known = ", ".join(HELDOUT_METRICS)
+            raise ValueError(f"unknown held-out metric {value!r}; use one of {known} or <task>/<metric>")
+        return value
 
 
-class SupervisedRunConfig(ModelConfig, DatasetConfig, DatumsConfig, TrainingConfig, EvalConfig):
+class RegistryConfig(dg.Config):
+    registered_model_name: str | None = Field(
+        default=None,
+        description="MLflow registered model to add a version to; default <workflow>-<base model>-<dataset>.",
+    )
+    mlflow_run_name: str | None = Field(
+        default=None, description="Name of the run's MLflow run (default <workflow>-<Dagster run id prefix>)."
+    )
+
+    @field_validator("registered_model_name")
+    @classmethod
+    def _mlflow_accepts_name(cls, value: str | None) -> str | None:
+        """Checked at launch, so a name MLflow would refuse fails before training, naming the rule."""
+        from kitchen.registry.names import validate_model_name
+
+        return None if value is None else validate_model_name(value)
+
+
+class SupervisedRunConfig(
+    ModelConfig, DatasetConfig, DatumsConfig, TrainingConfig, EvalConfig, RegistryConfig
+):
     """Everything a supervised run takes, flat (what ``kitchen run supervised`` and the job accept)."""
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

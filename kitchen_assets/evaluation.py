@@ -1,32 +1,53 @@
-"""The eval report: base and trained model scored on the same held-out data in the same run."""
+"""The eval report: base and trained model scored by lm-eval on the same tasks in the same run.
 
+Both models are reached through the training backend's sampling clients, so a locally trained and a
+Tinker-trained model are evaluated by identical code. The report records the quality gate's verdict;
+the blocking asset check in ``kitchen_assets.checks`` enforces it.
+"""
 
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
-from kitchen.data import load_saved_dataset, prompt_and_answer, read_datums
-from kitchen.eval.heldout import GenerationExample, HeldoutResult, evaluate_heldout
+from kitchen.data import load_saved_dataset
+from kitchen.eval.gate import GateSettings, gate_verdict
+from kitchen.eval.harness import (
+    NLL_TASK,
+    ModelResults,
+    check_task_data,
+    evaluate_model,
+    plan_evaluation,
+    write_task_data,
+)
+from kitchen.eval.lm import KitchenLM
+from kitchen.eval.report import comparison_rows, metric_order, read_losses, report_plot
 from kitchen.home import home_dir
-from kitchen.manifests import BaseModelManifest, DatasetManifest, DatumsManifest, EvalManifest, WeightsManifest
-from kitchen_assets.common import load_tokenizer
+from kitchen.manifests import (
+    BaseModelManifest,
+    CheckpointsManifest,
+    DatasetManifest,
+    EvalManifest,
+    WeightsManifest,
+)
 from kitchen_assets.config import EvalConfig
-from kitchen_assets.metadata import markdown_table
+from kitchen_assets.metadata import image_markdown, markdown_table
+from kitchen_assets.telemetry import emit_eval_complete, instrumented
 from resources.training import TrainingBackend
 
-PRIMARY_METRIC = "exact_match"
-# Lower is better for these; the table's delta sign is still trained - base.
-LOWER_IS_BETTER = frozenset({"nll", "perplexity"})
+SAMPLES_SHOWN = 5
 
 
-def comparison_rows(base: dict[str, float], trained: dict[str, float]) -> list[dict[str, object]]:
-    return [
-        {"metric": name, "base": base[name], "trained": trained[name], "delta": trained[name] - base[name]}
-        for name in base
-        if name in trained
-    ]
+def _context_window(base_model: BaseModelManifest) -> int | None:
+    """The base model's position limit when its config is local; None lets KitchenLM use the tokenizer's."""
+    if not base_model.path:
+        return None
+    from transformers import AutoConfig
+
+    value = getattr(AutoConfig.from_pretrained(base_model.path), "max_position_embeddings", None)
+    return int(value) if value else None
 
 
 def eval_report_asset(workflow: str) -> dg.AssetsDefinition:
@@ -38,83 +59,124 @@ def eval_report_asset(workflow: str) -> dg.AssetsDefinition:
         ins={
             "base_model": dg.AssetIn(key=[workflow, "base_model"]),
             "dataset": dg.AssetIn(key=[workflow, "dataset"]),
-            "datums": dg.AssetIn(key=[workflow, "datums"]),
+            "checkpoints": dg.AssetIn(key=[workflow, "checkpoints"]),
             "trained_weights": dg.AssetIn(key=[workflow, "trained_weights"]),
         },
-        description="Held-out NLL and exact match by greedy sampling, for the base and the trained model.",
+        description="lm-eval on the base and the trained model: held-out NLL/perplexity, exact match and "
+        "token P/R/F1 of greedy generations, and any --eval-tasks; records the quality gate's verdict.",
     )
+    @instrumented
     def eval_report(
         context: dg.AssetExecutionContext,
         config: EvalConfig,
         training: TrainingBackend,
         base_model: BaseModelManifest,
         dataset: DatasetManifest,
-        datums: DatumsManifest,
+        checkpoints: CheckpointsManifest,
         trained_weights: WeightsManifest,
     ) -> EvalManifest:
         started = time.perf_counter()
-        tokenizer = load_tokenizer(base_model)
+        out_dir = home_dir("reports", workflow, context.run_id)
+        plan = plan_evaluation(dataset.name if dataset.source == "builtin" else None, config.eval_tasks)
+        if plan.lm_eval_tasks:
+            check_task_data(plan.lm_eval_tasks)  # fail naming the task before any model is scored
         test_rows = load_saved_dataset(dataset.path)["test"]
         n = min(config.eval_examples, len(test_rows))
-        examples = []
-        for row in test_rows.select(range(n)):
-            rendered = prompt_and_answer(row, tokenizer)
-            examples.append(
-                GenerationExample(
-                    prompt_tokens=rendered.prompt_tokens,
-                    reference=rendered.answer,
-                    prompt_text=rendered.prompt_messages[-1]["content"] if rendered.prompt_messages else "",
-                )
-            )
-        test_datums = read_datums(Path(datums.test_path))[:n]
-        stop = [tokenizer.eos_token] if tokenizer.eos_token else []
+        if n == 0:
+            raise ValueError(f"dataset {dataset.name!r} has an empty test split; nothing to evaluate on")
+        heldout = test_rows.select(range(n))
         service = training.service_client()
-        clients = {
-            "base": service.create_sampling_client(base_model=base_model.backend_model),
-            "trained": service.create_sampling_client(model_path=trained_weights.sampler_path),
-        }
-        results: dict[str, HeldoutResult] = {}
-        for name, client in clients.items():
-            results[name] = evaluate_heldout(
-                client, test_datums, examples, max_tokens=config.eval_max_tokens, stop=stop
+        window = _context_window(base_model)
+        files: dict[str, Path] = {}
+        results: dict[str, ModelResults] = {}
+        for label in ("base", "trained"):
+            client = (
+                service.create_sampling_client(base_model=base_model.backend_model)
+                if label == "base"
+                else service.create_sampling_client(model_path=trained_weights.sampler_path)
             )
-            context.log.info(f"{name}: {results[name].metrics} ({results[name].seconds:.1f}s)")
+            lm = KitchenLM(client, max_length=window, skip_greedy_for=[NLL_TASK], label=label)
+            if not files:
+                files = write_task_data(plan, list(heldout), lm, out_dir / "data", limit=n)
+            results[label] = evaluate_model(
+                lm,
+                plan,
+                files,
+                limit=config.eval_examples,
+                max_gen_tokens=config.eval_max_tokens,
+                cache_dir=out_dir / "hf-datasets",
+            )
+            context.log.info(f"{label}: {results[label].metrics} ({results[label].seconds:.1f}s)")
+            emit_eval_complete(label, results[label].metrics, tasks=plan.tasks, examples=n)
+        base, trained = results["base"], results["trained"]
+        directions = {**base.higher_is_better, **trained.higher_is_better}
+        settings = GateSettings(config.gate_metric, config.gate_margin, config.gate_max_nll_increase)
+        verdict = gate_verdict(base.metrics, trained.metrics, directions, settings)
+        context.log.info(f"quality gate {'passed' if verdict.passed else 'FAILED'}: {verdict.reason}")
+
+        rows = comparison_rows(base.metrics, trained.metrics)
+        samples = [
+            {
+                "question": b["question"],
+                "reference": b["reference"],
+                "base": b["output"],
+                "trained": t["output"],
+            }
+            for b, t in zip(base.generations, trained.generations, strict=True)
+        ]
+        for label, result in results.items():
+            (out_dir / f"lm_eval_{label}.json").write_text(json.dumps(result.lm_eval, indent=1))
+        plot = report_plot(out_dir / "report.png", read_losses(checkpoints.metrics_path), rows, directions)
         seconds = time.perf_counter() - started
-        report = {
+        report: dict[str, Any] = {
             "workflow": workflow,
             "run_id": context.run_id,
-            "primary_metric": PRIMARY_METRIC,
+            "base_model": base_model.name,
+            "trained_weights": trained_weights.sampler_path,
+            "tasks": plan.tasks,
+            "generation_task": plan.generation_task,
             "num_examples": n,
-            "base": results["base"].metrics,
-            "trained": results["trained"].metrics,
-            "generations": {k: r.generations for k, r in results.items()},
-            "seconds": seconds,
+            "base": {m: base.metrics[m] for m in metric_order(base.metrics)},
+            "trained": {m: trained.metrics[m] for m in metric_order(trained.metrics)},
+            "higher_is_better": directions,
+            "gate": {"settings": vars(settings), **verdict.as_dict()},
+            "generations": samples,
+            "seconds": {"base": base.seconds, "trained": trained.seconds, "total": seconds},
+            "lm_eval_outputs": {label: str(out_dir / f"lm_eval_{label}.json") for label in results},
         }
-        report_path = home_dir("reports", workflow) / f"{context.run_id}.json"
+        report_path = out_dir / "report.json"
         report_path.write_text(json.dumps(report, indent=2))
-        rows = comparison_rows(results["base"].metrics, results["trained"].metrics)
-        samples = [
-            {"prompt": b["prompt"], "reference": b["reference"], "base": b["output"], "trained": t["output"]}
-            for b, t in zip(results["base"].generations, results["trained"].generations, strict=False)
-        ]
+
+        lower = [r["metric"] for r in rows if not directions.get(r["metric"], True)]
         context.add_output_metadata(
             {
-                "comparison": dg.MetadataValue.md(markdown_table(rows)),
-                "samples": dg.MetadataValue.md(markdown_table(samples)),
-                f"base_{PRIMARY_METRIC}": results["base"].metrics.get(PRIMARY_METRIC, float("nan")),
-                f"trained_{PRIMARY_METRIC}": results["trained"].metrics.get(PRIMARY_METRIC, float("nan")),
+                "comparison": dg.MetadataValue.md(
+                    markdown_table(rows) + (f"\n\nLower is better for: {', '.join(lower)}." if lower else "")
+                ),
+                "gate": dg.MetadataValue.md(
+                    f"**{'passed' if verdict.passed else 'FAILED'}**: {verdict.reason}"
+                ),
+                "samples": dg.MetadataValue.md(markdown_table(samples[:SAMPLES_SHOWN])),
+                "plot": image_markdown(plot, "training loss and metric deltas"),
+                "primary_metric": settings.metric,
+                f"base_{settings.metric}": base.metrics.get(settings.metric, float("nan")),
+                f"trained_{settings.metric}": trained.metrics.get(settings.metric, float("nan")),
+                "tasks": dg.MetadataValue.json(plan.tasks),
                 "examples": n,
                 "eval_seconds": seconds,
+                "base_eval_seconds": base.seconds,
+                "trained_eval_seconds": trained.seconds,
                 "report": dg.MetadataValue.path(str(report_path)),
             }
         )
         return EvalManifest(
             report_path=str(report_path),
-            primary_metric=PRIMARY_METRIC,
-            base=results["base"].metrics,
-            trained=results["trained"].metrics,
+            primary_metric=settings.metric,
+            base={m: base.metrics[m] for m in metric_order(base.metrics)},
+            trained={m: trained.metrics[m] for m in metric_order(trained.metrics)},
             num_examples=n,
             seconds=seconds,
+            gate_passed=verdict.passed,
         )
 
     return eval_report

@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import dagster as dg
 
+from kitchen_assets.checks import eval_gate_check
 from kitchen_assets.common import base_model_asset, dataset_asset, datums_asset
-from kitchen_assets.config import DatasetConfig, DatumsConfig, EvalConfig, ModelConfig, TrainingConfig
+from kitchen_assets.config import (
+    DatasetConfig,
+    DatumsConfig,
+    EvalConfig,
+    ModelConfig,
+    RegistryConfig,
+    TrainingConfig,
+)
 from kitchen_assets.evaluation import eval_report_asset
+from kitchen_assets.registry import registered_model_asset
 from kitchen_assets.training import sft_batches, training_multi_asset
 
 WORKFLOW = "supervised"
@@ -18,6 +27,8 @@ supervised_assets: list[dg.AssetsDefinition] = [
     datums_asset(WORKFLOW),
     training_multi_asset(WORKFLOW, loss_fn="cross_entropy", batch_builder=sft_batches),
     eval_report_asset(WORKFLOW),
+    eval_gate_check(WORKFLOW),  # blocking: a failing gate stops registration in the same run
+    registered_model_asset(WORKFLOW),
 ]
 
 # Op name -> the config class it takes; the job's config mapping splits the flat run config with it.
@@ -27,4 +38,5 @@ SUPERVISED_OP_CONFIGS: dict[str, type[dg.Config]] = {
     f"{WORKFLOW}__datums": DatumsConfig,
     f"{WORKFLOW}__train": TrainingConfig,
     f"{WORKFLOW}__eval_report": EvalConfig,
+    f"{WORKFLOW}__registered_model": RegistryConfig,
 }

@@ -40,6 +40,10 @@ def tiny_run_config(model_dir: Path, **overrides: Any) -> dict[str, Any]:
         "max_length": 64,
         "eval_examples": 6,
         "eval_max_tokens": 4,
+        # A random tiny model cannot get arithmetic right, so gate on what 2-4 steps do move: held-out NLL
+        # (it drops by ~0.08-0.11 here); the gate still fails a run that did not lower it by 0.01.
+        "gate_metric": "nll",
+        "gate_margin": 0.01,
     }
     config.update(overrides)
     return config
@@ -94,6 +98,9 @@ def test_supervised_job_materialises_every_asset(tiny_model_dir: Path) -> None:
         if e.asset_key == dg.AssetKey(["supervised", "eval_report"])
     )
     assert "| metric | base | trained | delta |" in eval_meta["comparison"].value
+    (gate,) = result.get_asset_check_evaluations()
+    assert gate.check_name == "quality_gate" and gate.passed
+    assert report.gate_passed is True and report.primary_metric == "nll"
 
 
 def test_out_of_range_config_fails_at_launch_before_any_asset(tiny_model_dir: Path) -> None:
@@ -132,6 +139,10 @@ def test_cli_runs_supervised_and_prints_summary(tiny_model_dir: Path, tmp_path: 
         "4",
         "--eval-max-tokens",
         "4",
+        "--gate-metric",
+        "nll",
+        "--gate-margin",
+        "0.01",
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "kitchen.cli", "run", "supervised", *args],
@@ -144,6 +155,7 @@ def test_cli_runs_supervised_and_prints_summary(tiny_model_dir: Path, tmp_path: 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out evaluation" in proc.stdout
     assert "exact_match" in proc.stdout and "nll" in proc.stdout
+    assert "quality gate: passed" in proc.stdout
     assert "step 2/2 loss" in proc.stderr  # progress lines from the training asset
     # The run landed in the persistent instance the UI reads.
     with _instance_at(tmp_path / "dagster") as instance:

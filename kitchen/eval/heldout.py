@@ -121,9 +121,7 @@ def evaluate_heldout(
             p, r, f = token_prf(output, example.reference)
             precision, recall, f1 = precision + p, recall + r, f1 + f
         n = len(examples)
-        metrics.update(
-            exact_match=exact / n, precision=precision / n, recall=recall / n, f1=f1 / n
-        )
+        metrics.update(exact_match=exact / n, precision=precision / n, recall=recall / n, f1=f1 / n)
         generations = [
             {"prompt": ex.prompt_text, "reference": ex.reference, "output": out}
             for ex, out in zip(examples[:num_samples_to_keep], outputs[:num_samples_to_keep], strict=True)

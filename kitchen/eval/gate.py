@@ -1,0 +1,93 @@
+"""The quality gate in front of registration: did training improve the model enough, without hurting NLL?
+
+A pure function of the report's numbers, so the eval report records the verdict and the blocking asset
+check enforces (and explains) the same rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# Rounding slack for "improvement >= margin" (0.30 - 0.28 is 0.0199999...).
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    metric: str
+    """Primary metric: a held-out name (``exact_match``, ``f1``, ``nll``, ...) or ``task/metric``."""
+    margin: float
+    """How much the trained model must improve on the base in the metric's own direction."""
+    max_nll_increase: float = 0.0
+    """Held-out NLL may rise by at most this much (0: no regression allowed)."""
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    passed: bool
+    reason: str
+    metric: str
+    margin: float
+    base: float | None = None
+    trained: float | None = None
+    improvement: float | None = None
+    higher_is_better: bool | None = None
+    base_nll: float | None = None
+    trained_nll: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def gate_verdict(
+    base: Mapping[str, float],
+    trained: Mapping[str, float],
+    higher_is_better: Mapping[str, bool],
+    settings: GateSettings,
+) -> GateVerdict:
+    """Pass only if the primary metric improves by at least ``margin`` (and by more than nothing, so a
+    model identical to its base, such as one trained with learning rate 0, always fails) and held-out
+    NLL rises by no more than ``max_nll_increase``."""
+    metric, margin = settings.metric, settings.margin
+    if metric not in base or metric not in trained:
+        available = ", ".join(sorted(set(base) & set(trained)))
+        return GateVerdict(
+            False, f"primary metric {metric!r} is not in the report (it has: {available})", metric, margin
+        )
+    if metric not in higher_is_better:
+        return GateVerdict(False, f"lm-eval states no direction for {metric!r}", metric, margin)
+    b, t, higher = base[metric], trained[metric], higher_is_better[metric]
+    if not (math.isfinite(b) and math.isfinite(t)):
+        return GateVerdict(
+            False,
+            f"{metric} is not finite (base {b}, trained {t})",
+            metric,
+            margin,
+            b,
+            t,
+            higher_is_better=higher,
+        )
+    improvement = t - b if higher else b - t
+    b_nll, t_nll = base.get("nll"), trained.get("nll")
+
+    def verdict(passed: bool, reason: str) -> GateVerdict:
+        return GateVerdict(passed, reason, metric, margin, b, t, improvement, higher, b_nll, t_nll)
+
+    direction = "higher" if higher else "lower"
+    numbers = (
+        f"trained {metric} {t:.4g} vs base {b:.4g} ({direction} is better): improvement {improvement:+.4g}"
+    )
+    if improvement <= 0 or improvement < margin - _EPS:
+        return verdict(False, f"{numbers}, needed at least {margin:.4g} and more than 0")
+    if b_nll is None or t_nll is None or not math.isfinite(t_nll):
+        return verdict(False, f"{numbers}, but held-out NLL is missing or not finite")
+    if t_nll > b_nll + settings.max_nll_increase + _EPS:
+        return verdict(
+            False,
+            f"{numbers}, but held-out NLL regressed: {t_nll:.4g} vs base {b_nll:.4g} "
+            f"(allowed increase {settings.max_nll_increase:.4g})",
+        )
+    return verdict(True, f"{numbers} >= margin {margin:.4g}; held-out NLL {t_nll:.4g} vs base {b_nll:.4g}")
