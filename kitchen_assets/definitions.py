@@ -10,7 +10,7 @@ import os
 
 import dagster as dg
 
-from jobs.supervised import supervised_job
+from jobs import JOBS, WORKFLOWS, kitchen_sensors, with_automation
 from kitchen_assets.io import ManifestIOManager
 from kitchen_assets.supervised import supervised_assets
 from resources.training import LocalBackend, TrainingBackend
@@ -30,8 +30,10 @@ def training_backend(name: str | None = None) -> TrainingBackend:
 
 def build_definitions(backend: str | None = None) -> dg.Definitions:
     return dg.Definitions(
-        assets=[*supervised_assets],
-        jobs=[supervised_job],
+        # Evaluation follows new weights, registration follows a passing gate (jobs/automation.py).
+        assets=with_automation([*supervised_assets], WORKFLOWS),
+        jobs=[*JOBS],
+        sensors=kitchen_sensors(),
         resources={"training": training_backend(backend), "io_manager": ManifestIOManager()},
         # Steps share one process: models loaded for training are reused by evaluation, and no step pays
         # a re-import of the code location.

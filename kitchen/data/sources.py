@@ -47,6 +47,11 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
 PREVIEW_ROWS = 3
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """``owner/name`` or ``owner/name:config``: a name ``load_dataset_source`` would look up on the Hub."""
+    return bool(_HUB_ID.match(name))
+
+
 class DatasetSourceError(ValueError):
     """The name resolved to nothing usable; the message says what was tried and why each failed."""
 
