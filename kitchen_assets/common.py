@@ -15,6 +15,7 @@ from kitchen.data import build_datums, load_dataset_source, load_saved_dataset, 
 from kitchen.manifests import BaseModelManifest, DatasetManifest, DatumsManifest
 from kitchen_assets.config import DatasetConfig, DatumsConfig, ModelConfig
 from kitchen_assets.metadata import histogram_markdown, markdown_table
+from kitchen_assets.telemetry import instrumented
 from resources.training import TrainingBackend
 
 
@@ -39,6 +40,7 @@ def base_model_asset(workflow: str) -> dg.AssetsDefinition:
         kinds={"huggingface"},
         description="The base model resolved to what the training backend loads (content-hashed).",
     )
+    @instrumented
     def base_model(
         context: dg.AssetExecutionContext, config: ModelConfig, training: TrainingBackend
     ) -> BaseModelManifest:
@@ -69,6 +71,7 @@ def dataset_asset(workflow: str) -> dg.AssetsDefinition:
         kinds={"huggingface"},
         description="The dataset normalised to chat messages, with train and test splits (save_to_disk).",
     )
+    @instrumented
     def dataset(context: dg.AssetExecutionContext, config: DatasetConfig) -> DatasetManifest:
         loaded = load_dataset_source(
             config.dataset,
@@ -109,6 +112,7 @@ def datums_asset(workflow: str) -> dg.AssetsDefinition:
         },
         description="Rows rendered through the chat template into tinker Datums (Parquet, one file a split).",
     )
+    @instrumented
     def datums(
         context: dg.AssetExecutionContext,
         config: DatumsConfig,

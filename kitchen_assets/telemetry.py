@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import dagster as dg
 from dagster import DagsterEventType
+from dagster._core.definitions.dependency import NodeHandle  # not re-exported; the asset layer is keyed by it
 
 from kitchen import telemetry
 from kitchen.telemetry.events import (
@@ -65,7 +66,7 @@ _LIFECYCLE = {
 
 def stage_keys(job_def: dg.JobDefinition, step_key: str) -> tuple[list[str], list[str]]:
     """A step's asset keys (in output order, selected ones only) and asset-check keys, as user strings."""
-    node = dg.NodeHandle(step_key.split(".")[0].split("[")[0], None)
+    node = NodeHandle(step_key.split(".")[0].split("[")[0], None)
     layer = job_def.asset_layer
     assets_def = layer.get_assets_def_for_node(node)
     if assets_def is None:
@@ -88,10 +89,9 @@ def _stage_metadata(job_def: dg.JobDefinition, step_key: str) -> dict[str, Any]:
     return metadata
 
 
-def _workflow_name(context: dg.AssetExecutionContext) -> str:
-    tagged = context.run.tags.get(WORKFLOW_TAG)
-    if tagged:
-        return tagged
+def _workflow_name(context: dg.AssetExecutionContext, tags: Mapping[str, str]) -> str:
+    if tags.get(WORKFLOW_TAG):
+        return tags[WORKFLOW_TAG]
     groups = sorted(
         g for k, g in context.assets_def.group_names_by_key.items() if k in context.assets_def.keys
     )
@@ -194,20 +194,29 @@ _runs: dict[str, RunTelemetry] = {}
 _runs_lock = threading.Lock()
 
 
-def ensure_run_telemetry(context: dg.AssetExecutionContext) -> RunTelemetry:
-    """Subscribe to this run's Dagster events (once per run and process) and replay those already logged."""
+def ensure_run_telemetry(context: dg.AssetExecutionContext) -> RunTelemetry | None:
+    """Subscribe to this run's Dagster events (once per run and process) and replay those already logged.
+
+    None when the asset is invoked directly (a unit test calling it with ``build_asset_context``): there
+    is no run to follow.
+    """
     run_id = context.run_id
     with _runs_lock:
         existing = _runs.get(run_id)
         if existing is not None:
             return existing
+        dagster_run = context.instance.get_run_by_id(run_id)
+        if dagster_run is None:
+            return None
         sinks = configure_sinks()
         extra: dict[str, Any] = {}
         if "jsonl" in sinks:
             path = str(jsonl_path(run_id))
             extra["telemetry_jsonl"] = path
             context.instance.add_run_tags(run_id, {JSONL_TAG: path})
-        run = _runs[run_id] = RunTelemetry(run_id, _workflow_name(context), context.job_def, extra)
+        run = _runs[run_id] = RunTelemetry(
+            run_id, _workflow_name(context, dagster_run.tags), context.job_def, extra
+        )
     context.instance.add_event_listener(run_id, run.handle)
     for entry in context.instance.all_logs(run_id, of_type=_LIFECYCLE):
         run.handle(entry)
@@ -228,6 +237,9 @@ def instrumented(fn: F) -> F:
 
     def stage_scope(context: dg.AssetExecutionContext) -> dict[str, Any]:
         run = ensure_run_telemetry(context)
+        if run is None:
+            keys = [k.to_user_string() for k in context.assets_def.keys]
+            return {"run_id": context.run_id, "workflow": _workflow_name(context, {}), "asset_key": keys[0]}
         step_key = context.get_step_execution_context().step.key
         return {"run_id": run.run_id, "workflow": run.workflow, **_stage_metadata(run.job_def, step_key)}
 
@@ -269,8 +281,10 @@ def instrumented(fn: F) -> F:
 def emit_eval_complete(
     model: str, metrics: Mapping[str, float], *, tasks: list[str], examples: int
 ) -> TelemetryEvent:
-    """``kitchen.eval.complete`` for one evaluated model; metrics the evaluation did not compute are NaN."""
+    """``kitchen.eval.complete`` for one evaluated model: every metric it reports, plus the five the catalogue
+    requires under their catalogue names (``accuracy`` is exact match); ones not computed are NaN."""
     measurements = {
+        **metrics,
         "accuracy": metrics.get("exact_match", math.nan),
         "f1": metrics.get("f1", math.nan),
         "precision": metrics.get("precision", math.nan),
@@ -278,8 +292,6 @@ def emit_eval_complete(
         "nll": metrics.get("nll", math.nan),
         "examples": examples,
     }
-    if "perplexity" in metrics:
-        measurements["perplexity"] = metrics["perplexity"]
     return telemetry.emit(EVAL_COMPLETE, measurements, {"model": model, "tasks": tasks})
 
 
@@ -287,7 +299,8 @@ def emit_eval_complete(
 
 
 class DagsterSink:
-    """Structured lines in the run's event log, and each training step as an observation on its asset.
+    """Structured lines (``<event name> <JSON>``) in the run's event log, and each training step as an
+    observation on its asset.
 
     Workflow and stage events are skipped: they are Dagster's own RUN_* and STEP_* events already, and
     arrive while Dagster is dispatching a log record, when it drops log calls.
@@ -299,9 +312,10 @@ class DagsterSink:
         context = _current_context()
         if context is None or context.run_id != event.metadata.get("run_id"):
             return
-        line = (
-            f"{event.name} {json.dumps(event.to_dict()['measurements'])} {json.dumps(_metadata_line(event))}"
-        )
+        payload = event.to_dict()
+        skip = {"run_id", "workflow", "asset_keys"}  # already on every line of the run's log
+        metadata = {k: v for k, v in payload["metadata"].items() if k not in skip}
+        line = f"{event.name} {json.dumps({'measurements': payload['measurements'], 'metadata': metadata})}"
         if event.name == HANDLER_FAILED:
             context.log.warning(line)
         else:
@@ -314,11 +328,6 @@ class DagsterSink:
                     metadata={k: float(v) for k, v in event.measurements.items()},
                 )
             )
-
-
-def _metadata_line(event: TelemetryEvent) -> dict[str, Any]:
-    skip = {"run_id", "workflow", "asset_keys"}
-    return {k: v for k, v in event.to_dict()["metadata"].items() if k not in skip}
 
 
 def _current_context() -> dg.AssetExecutionContext | None:

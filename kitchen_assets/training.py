@@ -16,11 +16,13 @@ from kitchen.data import read_datums
 from kitchen.hashing import hash_json
 from kitchen.home import home_dir
 from kitchen.manifests import BaseModelManifest, CheckpointRef, CheckpointsManifest, DatumsManifest, WeightsManifest
+from kitchen.telemetry.training import CompositeObserver, TelemetryObserver
 from kitchen.training.batching import make_batches
 from kitchen.training.loop import Checkpoint, StepMetrics, TrainingResult, TrainingSpec, run_training
 from kitchen.training.schedule import recommended_lora_lr
 from kitchen_assets.config import TrainingConfig
 from kitchen_assets.metadata import image_markdown, line_plot
+from kitchen_assets.telemetry import instrumented
 from resources.training import TrainingBackend
 
 
@@ -103,6 +105,7 @@ def training_multi_asset(workflow: str, *, loss_fn: str = "cross_entropy",
             "datums": dg.AssetIn(key=[workflow, "datums"]),
         },
     )
+    @instrumented
     def train(
         context: dg.AssetExecutionContext,
         config: TrainingConfig,
@@ -139,7 +142,7 @@ def training_multi_asset(workflow: str, *, loss_fn: str = "cross_entropy",
         try:
             result = run_training(
                 training.service_client(), spec, batches, run_dir, key=key,
-                observer=DagsterLogObserver(context), resume=config.resume,
+                observer=CompositeObserver(DagsterLogObserver(context), TelemetryObserver()), resume=config.resume,
             )
         except Exception as err:
             if training.is_transient(err):

@@ -13,6 +13,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Telemetry: JSONL and the Dagster sink only; MLflow (a fresh SQLite store per test home costs seconds) and
+# OpenTelemetry are exercised by tests/test_telemetry*.py, which select sinks explicitly.
+os.environ.setdefault("KITCHEN_TELEMETRY_SINKS", "jsonl,dagster")
 
 
 @pytest.fixture(scope="session")

@@ -198,7 +198,12 @@ def current_scope() -> Mapping[str, Any]:
 
 # --- secrets never leave the process ----------------------------------------------------------------
 
-_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH|HEADERS", re.IGNORECASE)
+# Names of environment variables (and metadata keys) that hold secrets: TINKER_API_KEY, HF_TOKEN,
+# AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD, OTEL_EXPORTER_OTLP_HEADERS, ...; not asset_key or tokens.
+_SECRET_NAME = re.compile(
+    r"(^|_)(API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?|AUTH|AUTHORIZATION|HEADERS)(_|$)",
+    re.IGNORECASE,
+)
 REDACTED = "[REDACTED]"
 
 

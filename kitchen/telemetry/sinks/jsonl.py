@@ -10,7 +10,7 @@ import json
 import re
 import threading
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from kitchen.home import home_dir
 from kitchen.telemetry.events import WORKFLOW_STOP, TelemetryEvent
@@ -23,7 +23,7 @@ def jsonl_path(run_id: str, directory: Path | None = None) -> Path:
     return (directory or home_dir("telemetry")) / f"{run_id}.jsonl"
 
 
-def read_jsonl(path: Path) -> list[dict[str, object]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The events a JSONL sink wrote, as dicts (``TelemetryEvent.to_dict`` form)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

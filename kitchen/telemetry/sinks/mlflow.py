@@ -21,6 +21,7 @@ from kitchen.home import kitchen_home
 from kitchen.telemetry.events import (
     EVAL_COMPLETE,
     TRAINING_STEP,
+    WORKFLOW_START,
     WORKFLOW_STOP,
     TelemetryEvent,
 )
@@ -117,19 +118,23 @@ def mlflow_run_for_dagster_run(dagster_run_id: str, *, workflow: str | None = No
 
 
 class MlflowSink:
-    """Logs ``training.step`` metrics at their step and eval metrics per model; ends the MLflow run with the
-    workflow's status."""
+    """One MLflow run per workflow run: ``training.step`` metrics at their step, eval metrics per model,
+    ended with the workflow's status."""
 
     def __call__(self, event: TelemetryEvent) -> None:
         dagster_run_id = str(event.metadata["run_id"])
         if event.name == WORKFLOW_STOP:
             self._end(dagster_run_id, str(event.metadata["status"]))
             return
-        if event.name not in (TRAINING_STEP, EVAL_COMPLETE):
+        if event.name not in (WORKFLOW_START, TRAINING_STEP, EVAL_COMPLETE):
+            return
+        # Created at workflow start, so MLflow's one-off costs (import, a new store's schema) are not
+        # paid inside the training loop where they would distort step timings.
+        run_id = mlflow_run_for_dagster_run(dagster_run_id, workflow=str(event.metadata["workflow"]))
+        if event.name == WORKFLOW_START:
             return
         from mlflow.entities import Metric
 
-        run_id = mlflow_run_for_dagster_run(dagster_run_id, workflow=str(event.metadata["workflow"]))
         millis = int(event.timestamp * 1000)
         if event.name == TRAINING_STEP:
             step = int(event.measurements["step"])
