@@ -45,6 +45,8 @@ _FLAG_FIELDS = {
     "gate_metric": "gate_metric",
     "gate_margin": "gate_margin",
     "log_level": "log_level",
+    "registered_model_name": "registered_model_name",
+    "mlflow_run_name": "mlflow_run_name",
 }
 
 
@@ -88,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", choices=("local", "tinker"), default=None,
                      help="training backend (default $KITCHEN_BACKEND or local)")
     run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")
+    run.add_argument("--registered-model-name", help="MLflow registered model to add the trained version to "
+                     "(default <workflow>-<base model>-<dataset>)")
+    run.add_argument("--mlflow-run-name", help="name of the run's MLflow run (default <workflow>-<run id>)")
+    from kitchen.registry.cli import add_models_parser
+
+    add_models_parser(sub)
     return parser
 
 
@@ -174,6 +182,14 @@ def run_workflow(args: argparse.Namespace) -> int:
     except BackendUnavailableError as err:
         print(f"kitchen: {err}", file=sys.stderr)
         return 1
+    from kitchen.registry import RegistryError
+
+    try:
+        # An unreachable MLflow server fails now, not after training.
+        (defs.resources or {})["registry"].preflight()
+    except RegistryError as err:
+        print(f"kitchen: {err}", file=sys.stderr)
+        return 1
     job = defs.resolve_job_def(f"{args.workflow}_job")
     with dg.DagsterInstance.get() as instance:
         result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
@@ -190,6 +206,12 @@ def run_workflow(args: argparse.Namespace) -> int:
             _print_summary(args.workflow, result.run_id)  # evaluation ran: show its table and the gate
         return 1
     _print_summary(args.workflow, result.run_id)
+    registered = dg.AssetKey([args.workflow, "registered_model"])
+    if registered in {e.asset_key for e in result.get_asset_materialization_events()}:
+        from kitchen.registry.cli import print_registration
+        from kitchen_assets.io import read_manifest
+
+        print_registration(read_manifest(registered))
     return 0
 
 
@@ -197,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return run_workflow(args)
+    if args.command == "models":
+        from kitchen.registry.cli import models_command
+
+        return models_command(args)
     return 2
 
 

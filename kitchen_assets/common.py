@@ -16,6 +16,7 @@ from kitchen.manifests import BaseModelManifest, DatasetManifest, DatumsManifest
 from kitchen_assets.config import DatasetConfig, DatumsConfig, ModelConfig
 from kitchen_assets.metadata import histogram_markdown, markdown_table
 from kitchen_assets.telemetry import instrumented
+from resources.mlflow_registry import MlflowRegistry
 from resources.training import TrainingBackend
 
 
@@ -42,9 +43,13 @@ def base_model_asset(workflow: str) -> dg.AssetsDefinition:
     )
     @instrumented
     def base_model(
-        context: dg.AssetExecutionContext, config: ModelConfig, training: TrainingBackend
+        context: dg.AssetExecutionContext,
+        config: ModelConfig,
+        training: TrainingBackend,
+        registry: MlflowRegistry,
     ) -> BaseModelManifest:
         training.preflight()
+        registry.preflight()  # the registration at the end of the graph must not find the store gone
         manifest = training.resolve_base_model(config.model)
         context.add_output_metadata(
             {

@@ -13,6 +13,7 @@ import dagster as dg
 from jobs import JOBS, WORKFLOWS, kitchen_sensors, with_automation
 from kitchen_assets.io import ManifestIOManager
 from kitchen_assets.supervised import supervised_assets
+from resources.mlflow_registry import MlflowRegistry
 from resources.training import LocalBackend, TrainingBackend
 
 
@@ -34,7 +35,11 @@ def build_definitions(backend: str | None = None) -> dg.Definitions:
         assets=with_automation([*supervised_assets], WORKFLOWS),
         jobs=[*JOBS],
         sensors=kitchen_sensors(),
-        resources={"training": training_backend(backend), "io_manager": ManifestIOManager()},
+        resources={
+            "training": training_backend(backend),
+            "registry": MlflowRegistry(),  # MLFLOW_TRACKING_URI, else the SQLite store under KITCHEN_HOME
+            "io_manager": ManifestIOManager(),
+        },
         # Steps share one process: models loaded for training are reused by evaluation, and no step pays
         # a re-import of the code location.
         executor=dg.in_process_executor,

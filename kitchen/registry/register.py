@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 MODEL_FORMAT = "kitchen-registered-model/1"
+_MAX_EVAL_ARTIFACT_BYTES = 50 * 1024 * 1024
 DESCRIPTOR = "kitchen_model.json"
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -68,8 +69,12 @@ def register_trained_model(
     name: str,
     experiment_name: str,
     run_name: str,
+    rename_run: bool = False,
     log: Log = lambda _: None,
 ) -> RegistrationResult:
+    """Register ``model`` as a version of ``name`` (or find the version that holds its weights), log the
+    Dagster run's MLflow run, and move the champion or challenger alias. ``run_name`` names the MLflow run
+    when this call starts it; with ``rename_run`` it also renames one the telemetry sink started."""
     validate_model_name(name)
     weights_id = weights_hash(model)
     tags = lineage_tags(model, provenance, weights_id=weights_id)
@@ -96,6 +101,8 @@ def register_trained_model(
                 experiment_id, provenance.dagster_run_id, run_name=run_name, tags=run_tags(tags)
             )
             logged_run = run.info.run_id
+            if rename_run and run.info.run_name != run_name:
+                registry.client.update_run(logged_run, name=run_name)
         try:
             if logged_run is not None:
                 version = _log_and_create(registry, model, provenance, run, name, tags, log)
@@ -182,29 +189,38 @@ def _log_run(registry: ModelRegistry, model: TrainedModel, provenance: Provenanc
     from mlflow.entities import Metric, Param
 
     client, run_id = registry.client, run.info.run_id
-    have = run.data.params
+    have, logged = run.data.params, run.data.metrics
     params = [Param(k, v) for k, v in run_params(model, provenance).items() if k not in have]
     for start in range(0, len(params), 100):
         client.log_batch(run_id, params=params[start : start + 100])
     now = int(time.time() * 1000)
+    # The telemetry sink may already have logged the steps live, under the same names.
     metrics = [] if any(k.startswith("train/") for k in run.data.metrics) else _training_metrics(model, now)
     report = model.eval_report
     for prefix, values in (("eval/trained", report.trained), ("eval/base", report.base)):
-        metrics += [Metric(f"{prefix}/{k}", float(v), now, 0) for k, v in values.items()]
+        metrics += [
+            Metric(f"{prefix}/{k}", float(v), now, 0)
+            for k, v in values.items()
+            if f"{prefix}/{k}" not in logged
+        ]
     for start in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
     metrics_path = Path(model.checkpoints.metrics_path)
-    for path, folder in (
-        (Path(report.report_path), "eval"),
+    for path, folder in [
+        *((p, "eval") for p in _report_files(Path(report.report_path))),
         (metrics_path, "training"),
         (metrics_path.with_name("loss.png"), "training"),
-    ):
+    ]:
         if path.is_file():
             client.log_artifact(run_id, str(path), folder)
-    with tempfile.TemporaryDirectory(prefix="kitchen-plot-") as tmp:
-        plot = _comparison_plot(Path(tmp) / "comparison.png", report.base, report.trained)
-        if plot is not None:
-            client.log_artifact(run_id, str(plot), "eval")
+
+
+def _report_files(report: Path) -> list[Path]:
+    """The eval report and what the evaluation wrote beside it (plots, raw outputs), not its caches."""
+    if not report.parent.is_dir():
+        return [report]
+    beside = [p for p in sorted(report.parent.iterdir()) if p.is_file() and p.suffix in (".json", ".png")]
+    return [report, *(p for p in beside if p != report and p.stat().st_size < _MAX_EVAL_ARTIFACT_BYTES)]
 
 
 def _training_metrics(model: TrainedModel, now: int) -> list[Metric]:
@@ -221,27 +237,6 @@ def _training_metrics(model: TrainedModel, now: int) -> list[Metric]:
             if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
                 metrics.append(Metric(f"train/{key}", float(value), now, step))
     return metrics
-
-
-def _comparison_plot(path: Path, base: Mapping[str, float], trained: Mapping[str, float]) -> Path | None:
-    names = [n for n in base if n in trained]
-    if not names:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 2.8), dpi=100, squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
-        ax.bar(["base", "trained"], [base[name], trained[name]], color=["#9aa5b1", "#3b82f6"])
-        ax.set_title(name, fontsize=9)
-        ax.tick_params(labelsize=8)
-    fig.suptitle("held-out evaluation: base vs trained", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def _stage_model(target: Path, model: TrainedModel, name: str, weights_id: str) -> None:

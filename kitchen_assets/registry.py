@@ -1,0 +1,175 @@
+"""The registered model: trained weights that got past the eval gate become a version in the MLflow registry.
+
+It depends on every upstream asset (so the graph shows, and the tags record, the whole lineage) and on
+``eval_report``, whose blocking gate check stops it in a run where the gate fails. Registering the same
+weights again finds the existing version; the champion/challenger rule lives in ``kitchen.registry``.
+"""
+
+# No ``from __future__ import annotations``: Dagster reads config and resource types from the signature.
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from kitchen import telemetry
+from kitchen.manifests import (
+    BaseModelManifest,
+    CheckpointsManifest,
+    DatasetManifest,
+    DatumsManifest,
+    EvalManifest,
+    RegisteredModelManifest,
+    WeightsManifest,
+)
+from kitchen.registry import (
+    Provenance,
+    RegistrationResult,
+    TrainedModel,
+    derive_model_name,
+    register_trained_model,
+)
+from kitchen.registry.store import is_remote
+from kitchen_assets.config import RegistryConfig
+from kitchen_assets.metadata import markdown_table
+from kitchen_assets.telemetry import instrumented
+from resources.mlflow_registry import MlflowRegistry
+
+UPSTREAM = ("base_model", "dataset", "datums", "checkpoints", "trained_weights", "eval_report")
+# Only when the eval report states no direction for the primary metric (older reports).
+_LOWER_IS_BETTER_NAMES = frozenset({"nll", "perplexity", "loss"})
+_SECRET_KEY = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)
+
+
+def primary_metric_direction(report: EvalManifest) -> tuple[bool, str]:
+    """(lower is better, where that came from) for the report's primary metric."""
+    path = Path(report.report_path)
+    directions = json.loads(path.read_text()).get("higher_is_better", {}) if path.is_file() else {}
+    metric = report.primary_metric
+    if metric in directions:
+        return not directions[metric], "the eval report's higher_is_better"
+    return metric.rsplit("/", 1)[-1] in _LOWER_IS_BETTER_NAMES, "the metric's name (the report states none)"
+
+
+def _run_config(context: dg.AssetExecutionContext) -> dict[str, Any]:
+    """The run's config, flat (per-op sections merged); keys that look like secrets are dropped."""
+    raw = dict(context.run.run_config or {})
+    values: dict[str, Any] = {}
+    ops = raw.get("ops")
+    if isinstance(ops, dict):
+        for section in ops.values():
+            values.update((section or {}).get("config") or {})
+    else:
+        values.update({k: v for k, v in raw.items() if k not in ("resources", "loggers", "execution")})
+    return {k: v for k, v in sorted(values.items()) if not _SECRET_KEY.search(k)}
+
+
+def _upstream_runs(context: dg.AssetExecutionContext, workflow: str) -> dict[str, str]:
+    """Upstream asset key -> the Dagster run that produced the materialisation being registered."""
+    runs = {}
+    for name in UPSTREAM:
+        key = dg.AssetKey([workflow, name])
+        event = context.instance.get_latest_materialization_event(key)
+        runs[key.to_user_string()] = event.run_id if event is not None else ""
+    return runs
+
+
+def _metadata(result: RegistrationResult, registry: MlflowRegistry) -> dict[str, Any]:
+    m, d = result.manifest, result.decision
+    numbers: list[dict[str, Any]] = [
+        {"": "this version", "version": f"v{m.version}", d.metric: d.value},
+        {
+            "": "champion before",
+            "version": f"v{d.previous_champion}" if d.previous_champion else "none",
+            d.metric: d.previous_champion_value if d.previous_champion_value is not None else "n/a",
+        },
+    ]
+    direction = "lower" if d.lower_is_better else "higher"
+    decision = (
+        f"**{d.alias}**: v{m.version} {d.reason}.\n\n{markdown_table(numbers)}\n\n"
+        f"Gate passed: {d.gate_passed} ({d.gate_source}); {direction} {d.metric} is better."
+    )
+    uri = registry.resolved_tracking_uri()
+    metadata: dict[str, Any] = {
+        "registered_model": m.name,
+        "version": int(m.version),
+        "model_uri": m.model_uri,
+        "alias": m.alias,
+        "promoted": d.promoted,
+        "new_version": m.created,
+        "decision": dg.MetadataValue.md(decision),
+        "mlflow_run_id": m.run_id or "",
+        "source": m.source,
+        "tracking_uri": m.tracking_uri,
+        "lineage": dg.MetadataValue.json(result.tags),
+    }
+    if result.run_url:
+        metadata["mlflow_run"] = dg.MetadataValue.url(result.run_url)
+    if result.version_url:
+        metadata["mlflow_version"] = dg.MetadataValue.url(result.version_url)
+    if not is_remote(uri):
+        metadata["open_in_mlflow"] = f"mlflow ui --backend-store-uri {uri}"
+    return metadata
+
+
+def registered_model_asset(workflow: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="registered_model",
+        key_prefix=[workflow],
+        group_name=workflow,
+        kinds={"mlflow"},
+        ins={name: dg.AssetIn(key=[workflow, name]) for name in UPSTREAM},
+        description="The trained LoRA adapter as a version in the MLflow model registry, with full lineage; "
+        "alias champion when it passed the gate and beats the current champion, else challenger.",
+    )
+    @instrumented
+    def registered_model(
+        context: dg.AssetExecutionContext,
+        config: RegistryConfig,
+        registry: MlflowRegistry,
+        base_model: BaseModelManifest,
+        dataset: DatasetManifest,
+        datums: DatumsManifest,
+        checkpoints: CheckpointsManifest,
+        trained_weights: WeightsManifest,
+        eval_report: EvalManifest,
+    ) -> RegisteredModelManifest:
+        lower_is_better, direction_source = primary_metric_direction(eval_report)
+        model = TrainedModel(
+            workflow=workflow,
+            base_model=base_model,
+            dataset=dataset,
+            datums=datums,
+            checkpoints=checkpoints,
+            weights=trained_weights,
+            eval_report=eval_report,
+            lower_is_better=lower_is_better,
+        )
+        name = config.registered_model_name or derive_model_name(workflow, base_model, dataset)
+        provenance = Provenance(
+            dagster_run_id=context.run_id,
+            dagster_run_url=registry.dagster_run_url(context.run_id),
+            upstream=_upstream_runs(context, workflow),
+            config=_run_config(context),
+        )
+        store = registry.registry()
+        context.log.info(
+            f"registering {name} in {store.display_uri} "
+            f"({eval_report.primary_metric} direction from {direction_source})"
+        )
+        result = register_trained_model(
+            store,
+            model,
+            provenance,
+            name=name,
+            experiment_name=registry.resolved_experiment_name(),
+            run_name=config.mlflow_run_name or f"{workflow}-{context.run_id[:8]}",
+            rename_run=config.mlflow_run_name is not None,
+            log=context.log.info,
+        )
+        telemetry.emit_model_registered(result.manifest.name, result.manifest.version, result.manifest.alias)
+        context.add_output_metadata(_metadata(result, registry))
+        return result.manifest
+
+    return registered_model
