@@ -227,6 +227,26 @@ def test_champion_moves_only_to_a_better_version_that_passed_the_gate(
     assert registry.version(name, "4").tags["kitchen.promotion.gate_passed"] == "false"
 
 
+def test_a_duplicate_from_a_concurrent_machine_is_removed(
+    registry: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another machine registered the same weights between our check and our create (no shared lock)."""
+    model = fake_trained_model(tmp_path, seed=3, exact_match=0.5)
+    register(registry, model, "run-dup-1", name="dup")
+    real = ModelRegistry.versions_with_weights
+    calls: list[str] = []
+
+    def not_yet_visible(self: ModelRegistry, name: str, weights_hash: str) -> list:  # type: ignore[type-arg]
+        calls.append(name)
+        return [] if len(calls) == 1 else real(self, name, weights_hash)
+
+    monkeypatch.setattr(ModelRegistry, "versions_with_weights", not_yet_visible)
+    again = register(registry, model, "run-dup-2", name="dup")
+    assert (again.manifest.version, again.manifest.created) == ("1", False)
+    assert [v.number for v in registry.versions("dup")] == ["1"]
+    assert registry.aliases("dup") == {CHAMPION: "1"}
+
+
 def test_tinker_weights_point_at_the_tinker_path(registry: ModelRegistry, tmp_path: Path) -> None:
     model = fake_trained_model(tmp_path, seed=20, exact_match=0.5, tinker=True)
     result = register(registry, model, "run-tinker", name="tinker-sft")
