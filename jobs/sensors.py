@@ -191,7 +191,11 @@ def _root_message(error: SerializableErrorInfo | None) -> str:
         return "unknown error"
     while error.cause is not None and error.cls_name is not None and error.cls_name.startswith("Dagster"):
         error = error.cause
-    return " ".join(f"{error.cls_name or 'Error'}: {error.message}".split())
+    name, message = error.cls_name or "Error", error.message.strip()
+    qualified, sep, rest = message.partition(": ")  # the message repeats the module-qualified class name
+    if sep and qualified.rsplit(".", 1)[-1] == name:
+        message = rest
+    return " ".join(f"{name}: {message}".split())
 
 
 def failed_assets(context: dg.RunFailureSensorContext) -> dict[str, str]:

@@ -13,6 +13,8 @@ are unchanged, the previous hash is reused without reading a byte.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,6 +27,9 @@ from kitchen.hub import HUB_UNREACHABLE_ERRORS
 RevisionKind = Literal["builtin", "local", "hub"]
 #: A built-in dataset is generated from code and a seed: the same name always means the same rows.
 BUILTIN_REVISION = "builtin"
+# Hub calls run here so a check can stop waiting at its deadline: besides the request's own timeout,
+# huggingface_hub's first request in a process fetches /api/agent-harnesses (3 s timeout of its own).
+_HUB_CALLS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kitchen-hub-revision")
 
 
 class SourceUnavailable(Exception):
@@ -48,7 +53,8 @@ def source_revision(
     hub_timeout: float = 5.0,
     previous: SourceRevision | None = None,
 ) -> SourceRevision:
-    """The revision of dataset source ``name`` now; raises ``SourceUnavailable`` with the reason.
+    """The revision of dataset source ``name`` now; raises ``SourceUnavailable`` with the reason. A Hub
+    check returns or raises within ``hub_timeout`` seconds.
 
     ``hub_revision`` is the branch or tag whose sha is asked for (default: the repository's default
     branch). ``previous`` (the last result for ``name``) lets an unchanged local source skip hashing.
@@ -92,8 +98,13 @@ def _hub_sha(name: str, revision: str | None, timeout: float) -> str:
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
         raise SourceUnavailable(f"HF_HUB_OFFLINE is set, so the Hub was not asked for {name}'s revision")
     repo_id = name.partition(":")[0]
+    call = _HUB_CALLS.submit(HfApi().dataset_info, repo_id, revision=revision, timeout=timeout)
     try:
-        info = HfApi().dataset_info(repo_id, revision=revision, timeout=timeout)
+        info = call.result(timeout=timeout)
+    except FutureTimeout:
+        raise SourceUnavailable(
+            f"the Hugging Face Hub did not answer for {repo_id} within {timeout:g}s"
+        ) from None
     except HUB_UNREACHABLE_ERRORS as error:
         raise SourceUnavailable(
             f"the Hugging Face Hub did not give {repo_id}'s revision ({type(error).__name__}: {error})"
