@@ -144,7 +144,7 @@ def _print_summary(workflow: str, run_id: str) -> None:
     print(f"weights (for sampling): {weights.sampler_path}")
     print(f"training state:         {weights.state_path}")
     print(f"steps: {weights.steps}   final train loss: {_fmt(weights.final_loss)}")
-    title = f"held-out evaluation, lm-eval ({report.num_examples} examples per task, {report.seconds:.0f}s)"
+    title = f"held-out evaluation (lm-eval, n={report.num_examples}, {report.seconds:.0f}s)"
     table = Table(title=title)
     for col in ("metric", "base", "trained", "delta"):
         table.add_column(col, justify="left" if col == "metric" else "right")

@@ -57,7 +57,7 @@ def report_plot(
         loss_ax.plot([s for s, _ in losses], [v for _, v in losses], marker="." if len(losses) < 30 else None)
     loss_ax.set_title("training loss")
     loss_ax.set_xlabel("step")
-    loss_ax.set_ylabel("loss per trained token")
+    loss_ax.set_ylabel("loss")
     loss_ax.grid(alpha=0.3)
 
     shown = [r for r in rows if r["metric"] != "perplexity" and r["metric"] in higher_is_better]
@@ -65,6 +65,7 @@ def report_plot(
     labels = [r["metric"] for r in shown]
     delta_ax.barh(labels, gains, color=["tab:green" if g > 0 else "tab:red" for g in gains])
     delta_ax.axvline(0, color="black", linewidth=0.8)
+    delta_ax.margins(x=0.2)  # room for the value labels
     delta_ax.invert_yaxis()
     delta_ax.set_title("trained vs base (right = better)")
     delta_ax.set_xlabel("improvement")
