@@ -150,15 +150,15 @@ def test_secrets_from_the_environment_never_reach_handlers(
 
 
 def test_later_workflows_register_their_own_events(collected: list[telemetry.TelemetryEvent]) -> None:
-    spec = telemetry.register_event("kitchen.dpo.step", measurements=("step", "reward_margin"))
-    assert telemetry.register_event("kitchen.dpo.step", measurements=("step", "reward_margin")) == spec
+    spec = telemetry.register_event("kitchen.testflow.step", measurements=("step", "reward_margin"))
+    assert telemetry.register_event("kitchen.testflow.step", measurements=("step", "reward_margin")) == spec
     with pytest.raises(ValueError, match="different spec"):
-        telemetry.register_event("kitchen.dpo.step", measurements=("step",))
+        telemetry.register_event("kitchen.testflow.step", measurements=("step",))
     with pytest.raises(ValueError, match="dotted lower-case"):
         telemetry.register_event("DPO step")
-    telemetry.emit("kitchen.dpo.step", {"step": 1, "reward_margin": 0.3}, RUN)
-    assert collected[0].name == "kitchen.dpo.step"
-    assert "kitchen.dpo.step" in telemetry.catalogue()
+    telemetry.emit("kitchen.testflow.step", {"step": 1, "reward_margin": 0.3}, RUN)
+    assert collected[0].name == "kitchen.testflow.step"
+    assert "kitchen.testflow.step" in telemetry.catalogue()
 
 
 def test_model_registered_helper(collected: list[telemetry.TelemetryEvent]) -> None:
