@@ -42,6 +42,11 @@ def _tick(sensor: dg.SensorDefinition, cursor: str | None) -> dg.SensorResult:
     return result
 
 
+def _reason(result: dg.SensorResult) -> str:
+    assert result.skip_reason is not None and result.skip_reason.skip_message is not None
+    return result.skip_reason.skip_message
+
+
 def _local_sensor(path: Path, **run_config: Any) -> dg.SensorDefinition:
     return retraining_sensor(supervised_job, RetrainSettings(sources=(str(path),), run_config=run_config))
 
@@ -53,12 +58,12 @@ def test_local_file_first_tick_records_unchanged_skips_changed_requests_one_run(
 
     first = _tick(sensor, None)
     assert not first.run_requests
-    assert first.skip_reason is not None and "first seen" in first.skip_reason.skip_message
+    assert "first seen" in _reason(first)
     assert json.loads(first.cursor or "")[str(data)]["kind"] == "local"
 
     same = _tick(sensor, first.cursor)
     assert not same.run_requests
-    assert same.skip_reason is not None and "unchanged" in same.skip_reason.skip_message
+    assert "unchanged" in _reason(same)
 
     _write(data, ROWS_A)  # rewritten with the same bytes: new mtime, same content, still no run
     rewritten = _tick(sensor, same.cursor)
@@ -114,7 +119,7 @@ def test_builtin_dataset_never_changes() -> None:
     first = _tick(sensor, None)
     second = _tick(sensor, first.cursor)
     assert not second.run_requests
-    assert second.skip_reason is not None and "unchanged at builtin" in second.skip_reason.skip_message
+    assert "unchanged at builtin" in _reason(second)
 
 
 @pytest.fixture
@@ -178,10 +183,7 @@ def test_unreachable_hub_skips_the_tick_within_its_timeout_and_keeps_the_cursor(
     result = _tick(sensor, seen_hub)
     assert time.monotonic() - started < 2.5  # the 1 s deadline, whatever huggingface_hub does first
     assert not result.run_requests
-    assert result.skip_reason is not None
-    assert (
-        "someone/chats: unavailable (the Hugging Face Hub did not answer" in result.skip_reason.skip_message
-    )
+    assert "someone/chats: unavailable (the Hugging Face Hub did not answer" in _reason(result)
     cursor = json.loads(result.cursor or "")
     assert cursor["someone/chats"]["revision"] == "a" * 40  # the last seen revision survives the outage
     assert str(data) in cursor  # the reachable source was still checked
@@ -191,9 +193,8 @@ def test_missing_local_file_and_offline_hub_skip_with_reasons(tmp_path: Path) ->
     missing = tmp_path / "gone.jsonl"
     sensor = retraining_sensor(supervised_job, RetrainSettings(sources=(str(missing), "someone/chats")))
     result = _tick(sensor, None)
-    assert not result.run_requests and result.skip_reason is not None
-    assert f"no such file: {missing}" in result.skip_reason.skip_message
-    assert "HF_HUB_OFFLINE is set" in result.skip_reason.skip_message
+    assert not result.run_requests
+    assert f"no such file: {missing}" in _reason(result) and "HF_HUB_OFFLINE is set" in _reason(result)
     assert json.loads(result.cursor or "") == {}
 
 
@@ -274,7 +275,7 @@ def test_failed_run_is_tagged_with_asset_and_error_and_posted(
                 dagster_instance=instance,
                 dagster_run=result.dagster_run,
             )
-            sensor(context.for_run_failure())  # type: ignore[operator]
+            sensor(context.for_run_failure())
             run = instance.get_run_by_id(result.run_id)
             assert run is not None
             return dict(run.tags)
