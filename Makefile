@@ -45,6 +45,7 @@ ui: setup
 
 bench: setup
 	$(BIN)/python bench/training_throughput.py
+	$(BIN)/python bench/pipelining.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -38,6 +38,7 @@ _FLAG_FIELDS = {
     "max_rows": "max_rows",
     "train_on": "train_on",
     "save_every": "save_every",
+    "max_in_flight": "max_in_flight",
     "seed": "seed",
     "eval_examples": "eval_examples",
     "eval_max_tokens": "eval_max_tokens",
@@ -78,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--train-on", choices=("last_assistant", "all_assistant", "all"),
                      help="which tokens carry loss (default all_assistant)")
     run.add_argument("--save-every", type=int, help="checkpoint every N steps (default 20, 0 = only final)")
+    run.add_argument("--max-in-flight", type=int, help="training steps submitted before the oldest is "
+                     "awaited (default 2; raise it when request latency exceeds step compute)")
     run.add_argument("--seed", type=int, help="training seed (default 0)")
     run.add_argument("--eval-examples", type=int, help="held-out rows to generate and score (default 100)")
     run.add_argument("--eval-max-tokens", type=int, help="max new tokens per evaluation generation (16)")
