@@ -127,15 +127,20 @@ def probe_service(api_key: str, base_url: str | None, timeout_s: float) -> Servi
 
     def ask_sdk() -> None:
         import tinker
+        from tinker.lib.internal_client_holder import InternalClientHolder
 
+        holder = None
         try:
-            outcome["capabilities"] = (
-                tinker.RestClient(base_url=url, api_key=api_key).get_server_capabilities().result()
-            )
+            # A holder of our own: ``RestClient(base_url=..., api_key=...)`` builds its shared one under a
+            # process-wide lock, so one probe stuck retrying would block every later probe in the process.
+            holder = InternalClientHolder(base_url=url, api_key=api_key, _skip_session=True)
+            outcome["capabilities"] = tinker.RestClient(_holder=holder).get_server_capabilities().result()
         except BaseException as err:  # reported to the waiting thread
             outcome["error"] = err
         finally:
             finished.set()
+            if holder is not None:
+                holder.close()
 
     def connect_directly() -> None:
         import httpx
