@@ -19,7 +19,7 @@ from kitchen.manifests import BaseModelManifest, CheckpointRef, CheckpointsManif
 from kitchen.telemetry.training import CompositeObserver, TelemetryObserver
 from kitchen.training.batching import make_batches
 from kitchen.training.loop import Checkpoint, StepMetrics, TrainingResult, TrainingSpec, run_training
-from kitchen.training.schedule import recommended_lora_lr
+from kitchen.training.schedule import KNOWN_HIDDEN_SIZES, recommended_lora_lr
 from kitchen_assets.config import TrainingConfig
 from kitchen_assets.metadata import image_markdown, line_plot
 from kitchen_assets.telemetry import instrumented
@@ -62,6 +62,7 @@ def resolve_learning_rate(config: TrainingConfig, base_model: BaseModelManifest)
         cfg_path = Path(base_model.path) / "config.json"
         if cfg_path.is_file():
             hidden = json.loads(cfg_path.read_text()).get("hidden_size")
+    hidden = hidden or KNOWN_HIDDEN_SIZES.get(base_model.backend_model)
     return recommended_lora_lr(hidden, base_model.architecture)
 
 

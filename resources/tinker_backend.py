@@ -77,6 +77,16 @@ def tokenizer_id_for(model_name: str) -> str:
     return name
 
 
+def _architecture(model_name: str) -> str | None:
+    """The model family, from the name: it picks the exponent of the default learning-rate rule."""
+    family = model_name.split("/")[-1].lower()
+    if family.startswith("llama"):
+        return "LlamaForCausalLM"
+    if family.startswith("qwen3"):
+        return "Qwen3ForCausalLM"
+    return None
+
+
 # -- probing ---------------------------------------------------------------------------------------------
 
 
@@ -484,6 +494,7 @@ class TinkerBackend(TrainingBackend):
             backend_model=model.name,
             tokenizer_path=tokenizer,
             content_hash=hash_json({"tinker_model": model.name, "tokenizer": tokenizer}),
+            architecture=_architecture(model.name),
         )
 
     def service_client(self) -> TinkerServiceClient:

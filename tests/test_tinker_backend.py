@@ -184,6 +184,11 @@ def test_known_model_resolves_to_a_tinker_manifest(fake_tinker: FakeTinker) -> N
     assert manifest.backend_model == "meta-llama/Llama-3.1-8B"
     assert manifest.tokenizer_path == "thinkingmachineslabinc/meta-llama-3-instruct-tokenizer"
     assert manifest.path is None and len(manifest.content_hash) == 64
+    # No local config.json, yet the default learning rate is tinker-cookbook's rule for an 8B Llama.
+    from kitchen_assets.config import TrainingConfig
+    from kitchen_assets.training import resolve_learning_rate
+
+    assert resolve_learning_rate(TrainingConfig(), manifest) == pytest.approx(2.86e-4, rel=1e-2)
 
 
 def test_unknown_model_lists_what_the_service_offers(fake_tinker: FakeTinker) -> None:

@@ -7,6 +7,22 @@ from typing import Literal
 
 LRSchedule = Literal["linear", "cosine", "constant"]
 
+# Hidden sizes (from the models' Hugging Face configs) of base models trained without a local config,
+# i.e. by name on Tinker, so their default learning rate follows the same rule as a local checkpoint's.
+KNOWN_HIDDEN_SIZES: dict[str, int] = {
+    "meta-llama/Llama-3.2-1B": 2048,
+    "meta-llama/Llama-3.2-3B": 3072,
+    "meta-llama/Llama-3.1-8B": 4096,
+    "meta-llama/Llama-3.1-8B-Instruct": 4096,
+    "meta-llama/Llama-3.1-70B": 8192,
+    "meta-llama/Llama-3.3-70B-Instruct": 8192,
+    "Qwen/Qwen3-4B-Instruct-2507": 2560,
+    "Qwen/Qwen3-8B": 4096,
+    "Qwen/Qwen3-8B-Base": 4096,
+    "Qwen/Qwen3-30B-A3B": 2048,
+    "Qwen/Qwen3-32B": 5120,
+}
+
 
 def learning_rate_at(
     step: int, *, total_steps: int, base_lr: float, schedule: LRSchedule, warmup_steps: int = 0
