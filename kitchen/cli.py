@@ -180,7 +180,7 @@ def run_workflow(args: argparse.Namespace) -> int:
 
     try:
         # Before the run starts, so a missing key or an unreachable service is one clear line, not a run.
-        with dg.build_resources({"training": defs.resources["training"]}) as resources:
+        with dg.build_resources({"training": (defs.resources or {})["training"]}) as resources:
             resources.training.preflight()
     except BackendUnavailableError as err:
         print(f"kitchen: {err}", file=sys.stderr)
