@@ -1,71 +1,113 @@
-"""Declarative automation: new trained weights are evaluated, and a passing evaluation is registered.
+"""Evaluation follows new weights; registration follows only behind the eval gate.
 
-A re-run of training alone (``supervised/checkpoints`` + ``supervised/trained_weights`` from the UI, or a
-retry) leaves the eval report describing older weights. ``follows(trained_weights)`` on the eval report
-requests it when the weights were updated by a run that did *not* also target the report, so a full
-workflow run, which evaluates anyway, triggers nothing. Registration ``follows(eval_report)`` with
-``all_deps_blocking_checks_passed``: it is requested in the same run as the eval report, whose blocking
-gate check then stops it in that run when it fails, and it is never requested on its own while the
-latest gate result is a failure. The checks ride along because automation runs include every check of
-their assets.
+A re-run of training alone (``checkpoints`` + ``trained_weights`` from the UI, or after a failure) leaves
+the eval report describing older weights. ``<workflow>_new_weights_sensor`` watches ``trained_weights``
+and, for a materialisation whose run did not also plan the eval report (a full workflow run evaluates
+its own weights), launches ``<workflow>_evaluation_job``: the eval report, its blocking quality-gate
+check, and everything downstream of the report (registration), in one run, so a failing gate stops
+registration in that run.
 
-``kitchen_automation_sensor`` evaluates these conditions every ``KITCHEN_AUTOMATION_INTERVAL`` seconds
-(default 30). It starts running (``KITCHEN_AUTOMATION_SENSOR=stopped`` to change): it only requests work
-when new weights appear outside a full run. Runs it launches are tagged ``kitchen/trigger=new-weights``
-and use each asset's default config (the eval report's ``eval_examples``/``eval_max_tokens``).
+Why a sensor rather than declarative automation: the gate's metric and margin, the eval tasks and the
+registered model's name are run config, and an automation-condition run can carry none, so it would judge
+new weights by the *default* gate. This sensor launches with the eval and registration config of the
+run that produced the current eval report, so the gate in force is the one the team last ran.
+
+Default status ``running`` (``KITCHEN_NEW_WEIGHTS_SENSOR=stopped`` to change) and interval 30 s
+(``KITCHEN_NEW_WEIGHTS_INTERVAL``): it only launches work when weights appear outside a full run. Its
+runs are tagged ``kitchen/trigger=new-weights`` and ``kitchen/weights_run=<run that trained them>``.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping
+from typing import Any
 
 import dagster as dg
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from jobs.sensors import TRIGGER_TAG, env_number, env_status
 
-AutomationCondition = dg.AutomationCondition
+WEIGHTS_RUN_TAG = "kitchen/weights_run"
+# Sections of a run config that are not per-op config.
+_NOT_OP_CONFIG = frozenset({"ops", "resources", "loggers", "execution"})
 
 
-def follows(upstream: dg.AssetKey) -> dg.AutomationCondition:
-    """True once after ``upstream`` is updated by a run that did not target this asset too, when every
-    dependency exists, none is being materialised, and all their blocking checks passed (or run now)."""
-    updated_elsewhere = AutomationCondition.any_deps_match(
-        (AutomationCondition.newly_updated() & ~AutomationCondition.executed_with_root_target())
-        | AutomationCondition.will_be_requested()
-    ).allow(dg.AssetSelection.assets(upstream))
-    return (
-        updated_elsewhere.since_last_handled()
-        & ~AutomationCondition.any_deps_missing()
-        & ~AutomationCondition.any_deps_in_progress()
-        & ~AutomationCondition.in_progress()
-        & AutomationCondition.all_deps_blocking_checks_passed()
-    ).with_label(f"follows {upstream.to_user_string()}")
-
-
-def workflow_conditions(workflow: str) -> dict[dg.AssetKey, dg.AutomationCondition]:
-    """Eval report after new weights; registration after the eval report (behind its gate)."""
-    weights, report = dg.AssetKey([workflow, "trained_weights"]), dg.AssetKey([workflow, "eval_report"])
-    return {report: follows(weights), dg.AssetKey([workflow, "registered_model"]): follows(report)}
-
-
-def with_automation(
-    assets: Sequence[dg.AssetsDefinition], workflows: Sequence[str]
-) -> list[dg.AssetsDefinition]:
-    """``assets`` with ``workflow_conditions`` set on the specs that have no condition of their own."""
-    conditions = {key: cond for workflow in workflows for key, cond in workflow_conditions(workflow).items()}
-
-    def apply(spec: dg.AssetSpec) -> dg.AssetSpec:
-        if spec.key not in conditions or spec.automation_condition is not None:
-            return spec
-        return spec.replace_attributes(automation_condition=conditions[spec.key])
-
-    return [a.map_asset_specs(apply) if any(k in conditions for k in a.keys) else a for a in assets]
-
-
-def automation_sensor(workflows: Sequence[str]) -> dg.AutomationConditionSensorDefinition:
-    return dg.AutomationConditionSensorDefinition(
-        name="kitchen_automation_sensor",
-        target=dg.AssetSelection.groups(*workflows),
-        default_status=env_status("KITCHEN_AUTOMATION_SENSOR", dg.DefaultSensorStatus.RUNNING),
-        minimum_interval_seconds=int(env_number("KITCHEN_AUTOMATION_INTERVAL", 30)),
-        run_tags={TRIGGER_TAG: "new-weights"},
-        description="Evaluates new trained weights (and registers them behind the eval gate).",
+def evaluation_job(workflow: str) -> UnresolvedAssetJobDefinition:
+    """The eval report and everything downstream of it; asset jobs include the assets' checks."""
+    return dg.define_asset_job(
+        name=f"{workflow}_evaluation_job",
+        selection=dg.AssetSelection.assets(dg.AssetKey([workflow, "eval_report"])).downstream(),
+        description="Evaluate the current trained weights; the blocking quality gate decides registration.",
+        tags={"kitchen/workflow": workflow},
     )
+
+
+def run_planned(instance: dg.DagsterInstance, run_id: str, key: dg.AssetKey) -> bool:
+    """Whether run ``run_id`` planned to materialise ``key`` (known from the run's start)."""
+    records = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED, limit=1000
+    ).records
+    return any(
+        r.event_log_entry.dagster_event is not None and r.event_log_entry.dagster_event.asset_key == key
+        for r in records
+    )
+
+
+def op_config_from_run(
+    run_config: Mapping[str, Any],
+    op_names: set[str],
+    flat_schema: type[dg.Config],
+    op_configs: Mapping[str, type[dg.Config]],
+) -> dict[str, Any]:
+    """The config of ``op_names`` in a stored run config: per-op (``ops:``, from asset jobs and
+    ``dagster asset materialize``) or the workflow job's flat form, validated and split by its schema."""
+    ops = run_config.get("ops")
+    if isinstance(ops, Mapping):
+        return {op: dict(section) for op, section in ops.items() if op in op_names}
+    flat = flat_schema(**{k: v for k, v in run_config.items() if k not in _NOT_OP_CONFIG})
+    values = flat.model_dump()
+    return {
+        op: {"config": {name: values[name] for name in cls.model_fields}}
+        for op, cls in op_configs.items()
+        if op in op_names
+    }
+
+
+def new_weights_sensor(
+    workflow: str,
+    job: UnresolvedAssetJobDefinition,
+    *,
+    flat_schema: type[dg.Config],
+    op_configs: Mapping[str, type[dg.Config]],
+) -> dg.SensorDefinition:
+    """Launch ``job`` once per ``trained_weights`` materialisation made outside a full workflow run."""
+    weights, report = dg.AssetKey([workflow, "trained_weights"]), dg.AssetKey([workflow, "eval_report"])
+
+    @dg.asset_sensor(
+        asset_key=weights,
+        job=job,
+        name=f"{workflow}_new_weights_sensor",
+        default_status=env_status("KITCHEN_NEW_WEIGHTS_SENSOR", dg.DefaultSensorStatus.RUNNING),
+        minimum_interval_seconds=int(env_number("KITCHEN_NEW_WEIGHTS_INTERVAL", 30)),
+        description="Evaluates trained weights made outside a full run; the gate decides registration.",
+    )
+    def _sensor(
+        context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry
+    ) -> dg.RunRequest | dg.SkipReason:
+        if run_planned(context.instance, asset_event.run_id, report):
+            return dg.SkipReason(f"run {asset_event.run_id} evaluates the weights it trained")
+        op_names = set(context.repository_def.get_job(job.name).graph.node_dict)  # type: ignore[union-attr]
+        run_config: dict[str, Any] = {}
+        last_report = context.instance.get_latest_materialization_event(report)
+        last_run = context.instance.get_run_by_id(last_report.run_id) if last_report else None
+        if last_run is not None:
+            ops = op_config_from_run(last_run.run_config or {}, op_names, flat_schema, op_configs)
+            run_config = {"ops": ops} if ops else {}
+            context.log.info(
+                f"evaluating with the config of run {last_run.run_id}, which made the eval report"
+            )
+        return dg.RunRequest(
+            run_key=f"weights-from-{asset_event.run_id}",
+            run_config=run_config,
+            tags={TRIGGER_TAG: "new-weights", WEIGHTS_RUN_TAG: asset_event.run_id},
+        )
+
+    return _sensor

@@ -199,19 +199,32 @@ def _root_message(error: SerializableErrorInfo | None) -> str:
 
 
 def failed_assets(context: dg.RunFailureSensorContext) -> dict[str, str]:
-    """Each asset of a failed step -> that step's error; ``{"(run)": message}`` when no step failed."""
+    """Each asset (or asset check) of a failed step -> that step's error; ``{"(run)": message}`` when
+    no step failed (the run itself died)."""
     planned = context.instance.get_records_for_run(
-        context.dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED, limit=1000
+        context.dagster_run.run_id,
+        of_type={
+            dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED,
+            dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED,
+        },
+        limit=1000,
     ).records
-    assets_by_step: dict[str, list[str]] = {}
+    targets_by_step: dict[str, list[str]] = {}
     for record in planned:
         event = record.event_log_entry.dagster_event
-        if event is not None and event.step_key and event.asset_key is not None:
-            assets_by_step.setdefault(event.step_key, []).append(event.asset_key.to_user_string())
+        if event is None or not event.step_key:
+            continue
+        if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED:
+            target = event.asset_check_planned_data.asset_check_key.to_user_string()
+        elif event.asset_key is not None:
+            target = event.asset_key.to_user_string()
+        else:
+            continue
+        targets_by_step.setdefault(event.step_key, []).append(target)
     failures: dict[str, str] = {}
     for event in context.get_step_failure_events():
         error = event.step_failure_data.error if event.step_failure_data else None
-        for asset in assets_by_step.get(event.step_key or "", [f"step {event.step_key}"]):
+        for asset in targets_by_step.get(event.step_key or "", [f"step {event.step_key}"]):
             failures[asset] = _root_message(error)
     if not failures:
         failures["(run)"] = " ".join((context.failure_event.message or "run failed").split())

@@ -10,7 +10,7 @@ import os
 
 import dagster as dg
 
-from jobs import JOBS, WORKFLOWS, kitchen_sensors, with_automation
+from jobs import JOBS, kitchen_sensors
 from kitchen_assets.io import ManifestIOManager
 from kitchen_assets.supervised import supervised_assets
 from resources.mlflow_registry import MlflowRegistry
@@ -31,8 +31,7 @@ def training_backend(name: str | None = None) -> TrainingBackend:
 
 def build_definitions(backend: str | None = None) -> dg.Definitions:
     return dg.Definitions(
-        # Evaluation follows new weights, registration follows a passing gate (jobs/automation.py).
-        assets=with_automation([*supervised_assets], WORKFLOWS),
+        assets=[*supervised_assets],
         jobs=[*JOBS],
         sensors=kitchen_sensors(),
         resources={

@@ -1,17 +1,16 @@
-"""Declarative automation: new weights are evaluated; registration follows only a passing eval gate.
+"""New weights are evaluated with the gate in force; registration follows only a passing gate.
 
-Ticks are evaluated with ``dg.evaluate_automation_conditions`` against a real instance, and each requested
-run is executed the way the automation sensor launches it (the implicit asset job, the requested assets
-and every check on them, default config).
+Each sensor tick is evaluated against a real instance, and each requested run is executed as the daemon
+would launch it: the requested job with the request's run config.
 """
 
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import pytest
 
-from jobs.automation import follows, with_automation
+from jobs.automation import WEIGHTS_RUN_TAG
+from jobs.sensors import FAILED_ASSETS_TAG, FAILURE_TAG
 from kitchen_assets.definitions import build_definitions
 from tests.test_supervised_workflow import tiny_run_config
 
@@ -22,75 +21,94 @@ REGISTERED = dg.AssetKey(["supervised", "registered_model"])
 _TRAINING_FIELDS = {"batch_size", "max_steps", "save_every", "learning_rate", "lora_rank"}
 
 
-def _requested(result: Any, keys: list[dg.AssetKey]) -> dict[str, int]:
-    return {key.path[-1]: result.get_num_requested(key) for key in keys}
-
-
-def test_new_weights_are_evaluated_and_the_gate_decides_registration(tiny_model_dir: Path) -> None:
+def test_new_weights_are_evaluated_with_the_teams_gate_which_decides_registration(
+    tiny_model_dir: Path,
+) -> None:
     defs = build_definitions("local")
-    graph_keys = defs.resolve_asset_graph().get_all_asset_keys()
-    if REGISTERED not in graph_keys:
-        pytest.fail("supervised/registered_model is not defined: the gate has nothing to guard")
+    sensor = defs.resolve_sensor_def("supervised_new_weights_sensor")
+    evaluation = defs.resolve_job_def("supervised_evaluation_job")
     assets_job = defs.resolve_implicit_global_asset_job_def()
-    keys = [REPORT, REGISTERED]
+    repository = defs.get_repository_def()
+    # The team's gate: held-out NLL must drop by 0.01 (the default gate, exact match, would judge
+    # a tiny random model differently).
+    team_config = tiny_run_config(tiny_model_dir)
+    train_config = {k: v for k, v in team_config.items() if k in _TRAINING_FIELDS}
+
     with dg.DagsterInstance.ephemeral() as instance:
-        # A full workflow run evaluates (and gates) its own weights: nothing follows it.
+        cursor: str | None = None
+
+        def tick() -> Any:
+            nonlocal cursor
+            context = dg.build_sensor_context(instance=instance, cursor=cursor, repository_def=repository)
+            results = list(sensor(context) or [])  # an asset sensor yields at most one result
+            cursor = context.cursor
+            assert len(results) <= 1
+            return results[0] if results else None
+
+        def train_alone(**overrides: Any) -> str:
+            run = assets_job.execute_in_process(
+                asset_selection=[CHECKPOINTS, WEIGHTS],
+                run_config={"ops": {"supervised__train": {"config": {**train_config, **overrides}}}},
+                instance=instance,
+            )
+            assert run.success
+            return run.run_id
+
+        def launch(request: dg.RunRequest) -> dg.ExecuteInProcessResult:
+            return evaluation.execute_in_process(
+                run_config=request.run_config, instance=instance, tags=request.tags, raise_on_error=False
+            )
+
+        # A full workflow run evaluates (and gates) the weights it trains: nothing follows it.
         full = defs.resolve_job_def("supervised_job").execute_in_process(
-            run_config=tiny_run_config(tiny_model_dir), instance=instance
+            run_config=team_config, instance=instance
         )
         assert full.success
-        tick = dg.evaluate_automation_conditions(defs, instance)
-        assert tick.total_requested == 0
-
-        # Training re-run alone (new seed): the eval report and, behind its gate, registration follow.
-        train_config = {k: v for k, v in tiny_run_config(tiny_model_dir).items() if k in _TRAINING_FIELDS}
-        retrain = assets_job.execute_in_process(
-            asset_selection=[CHECKPOINTS, WEIGHTS],
-            run_config={"ops": {"supervised__train": {"config": {**train_config, "seed": 1}}}},
-            instance=instance,
+        skipped = tick()
+        assert isinstance(skipped, dg.SkipReason) and "evaluates the weights it trained" in str(
+            skipped.skip_message
         )
-        assert retrain.success
-        tick = dg.evaluate_automation_conditions(defs, instance, cursor=tick.cursor)
-        assert _requested(tick, keys) == {"eval_report": 1, "registered_model": 1}
 
-        # The run the sensor launches: both assets, the eval report's checks ride along. The tiny model
-        # cannot beat its base by the default margin, so the blocking gate fails and stops registration.
-        followed = assets_job.execute_in_process(
-            asset_selection=keys, instance=instance, raise_on_error=False
-        )
-        materialised = {e.asset_key for e in followed.get_asset_materialization_events()}
-        assert materialised == {REPORT}
+        # Training alone barely moves the weights (learning rate 1e-9): they are evaluated with the team's
+        # eval config, miss its 0.01 NLL margin, and the blocking gate stops registration in that run.
+        bad_run = train_alone(learning_rate=1e-9, seed=1)
+        request = tick()
+        assert isinstance(request, dg.RunRequest)
+        assert request.tags[WEIGHTS_RUN_TAG] == bad_run and request.run_key == f"weights-from-{bad_run}"
+        eval_config = request.run_config["ops"]["supervised__eval_report"]["config"]
+        assert (eval_config["gate_metric"], eval_config["gate_margin"]) == ("nll", 0.01)
+        followed = launch(request)
+        assert {e.asset_key for e in followed.get_asset_materialization_events()} == {REPORT}
         (gate,) = followed.get_asset_check_evaluations()
         assert gate.check_name == "quality_gate" and not gate.passed
-        report_event = instance.get_latest_materialization_event(REPORT)
-        assert report_event is not None and report_event.run_id == followed.run_id
+        # The run fails at the gate, and the failure sensor says so on the run.
+        failure = dg.build_run_status_sensor_context(
+            sensor_name="kitchen_run_failure_sensor",
+            dagster_event=followed.get_run_failure_event(),
+            dagster_instance=instance,
+            dagster_run=followed.dagster_run,
+        ).for_run_failure()
+        defs.resolve_sensor_def("kitchen_run_failure_sensor")(failure)
+        failed_run = instance.get_run_by_id(followed.run_id)
+        assert failed_run is not None
+        assert failed_run.tags[FAILED_ASSETS_TAG] == "supervised/eval_report:quality_gate"
+        assert "blocking asset check failed" in failed_run.tags[FAILURE_TAG]
+        # Nothing new: no second evaluation, no registration behind the gate's back.
+        assert isinstance(tick(), dg.SkipReason)
 
-        # A failed gate is not retried into registration on later ticks.
-        tick = dg.evaluate_automation_conditions(defs, instance, cursor=tick.cursor)
-        assert tick.total_requested == 0
-
-        # Re-evaluated with a gate the trained model passes (held-out NLL, no margin): registration follows.
-        passing = {"gate_metric": "nll", "gate_margin": 0.0, "gate_max_nll_increase": 0.0}
-        regated = assets_job.execute_in_process(
-            asset_selection=[REPORT],
-            run_config={"ops": {"supervised__eval_report": {"config": passing}}},
-            instance=instance,
-        )
-        (gate,) = regated.get_asset_check_evaluations()
-        assert regated.success and gate.passed
-        tick = dg.evaluate_automation_conditions(defs, instance, cursor=tick.cursor)
-        assert _requested(tick, keys) == {"eval_report": 0, "registered_model": 1}
+        # Training alone again, properly: evaluated, the gate passes, the new weights are registered.
+        good_run = train_alone(seed=2)
+        request = tick()
+        assert isinstance(request, dg.RunRequest) and request.tags[WEIGHTS_RUN_TAG] == good_run
+        followed = launch(request)
+        (gate,) = followed.get_asset_check_evaluations()
+        assert gate.passed, gate.description
+        assert {e.asset_key for e in followed.get_asset_materialization_events()} == {REPORT, REGISTERED}
+        registered = instance.get_latest_materialization_event(REGISTERED)
+        assert registered is not None and registered.run_id == followed.run_id
 
 
-def test_an_asset_keeps_its_own_condition() -> None:
-    own = dg.AutomationCondition.on_cron("0 * * * *")
-
-    @dg.asset(key=REPORT, automation_condition=own)
-    def report() -> None: ...
-
-    @dg.asset(key=REGISTERED)
-    def registered() -> None: ...
-
-    mapped = {a.key: a for a in with_automation([report, registered], ["supervised"])}
-    assert mapped[REPORT].automation_conditions_by_key[REPORT] == own
-    assert mapped[REGISTERED].automation_conditions_by_key[REGISTERED] == follows(REPORT)
+def test_evaluation_job_is_the_report_its_gate_and_registration() -> None:
+    job = build_definitions("local").resolve_job_def("supervised_evaluation_job")
+    assert set(job.asset_layer.executable_asset_keys) == {REPORT, REGISTERED}
+    assert {key.name for key in job.asset_layer.asset_graph.asset_check_keys} >= {"quality_gate"}

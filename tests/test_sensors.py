@@ -226,9 +226,9 @@ def test_default_sensors_and_their_status() -> None:
     assert (
         defs.resolve_sensor_def("kitchen_run_failure_sensor").default_status == dg.DefaultSensorStatus.RUNNING
     )
-    assert (
-        defs.resolve_sensor_def("kitchen_automation_sensor").default_status == dg.DefaultSensorStatus.RUNNING
-    )
+    new_weights = defs.resolve_sensor_def("supervised_new_weights_sensor")
+    assert new_weights.default_status == dg.DefaultSensorStatus.RUNNING
+    assert new_weights.minimum_interval_seconds == 30
 
 
 # -- failures -------------------------------------------------------------------------------------
