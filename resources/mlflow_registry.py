@@ -14,7 +14,7 @@ import os
 import dagster as dg
 from pydantic import Field
 
-from kitchen.registry.store import ModelRegistry, default_experiment_name, default_tracking_uri
+from kitchen.registry.store import ModelRegistry, default_experiment_name, default_tracking_uri, redact_uri
 
 
 class MlflowRegistry(dg.ConfigurableResource):
@@ -65,4 +65,4 @@ class MlflowRegistry(dg.ConfigurableResource):
 
     def dagster_run_url(self, run_id: str) -> str:
         base = self.dagster_url or os.environ.get("KITCHEN_DAGSTER_URL") or "http://127.0.0.1:3000"
-        return f"{base.rstrip('/')}/runs/{run_id}"
+        return f"{redact_uri(base).rstrip('/')}/runs/{run_id}"

@@ -187,12 +187,33 @@ def test_registration_records_lineage_run_and_champion(registry: ModelRegistry, 
     }
     assert {
         "eval/report.json",
-        "eval/comparison.png",
+        "eval/report.png",
         "training/metrics.jsonl",
         "model/adapter",
         "model/tokenizer",
         "model/kitchen_model.json",
     } <= artifacts
+    assert not any("hf-datasets" in path for path in artifacts)  # the evaluation's caches stay out
+
+
+def test_the_telemetry_sinks_run_for_the_dagster_run_is_reused(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    """One Dagster run, one MLflow run: live training metrics and the registration land together."""
+    from mlflow.entities import Metric
+
+    experiment = registry.experiment_id("kitchen-supervised")
+    started = registry.client.create_run(
+        experiment, run_name="supervised-live", tags={"dagster.run_id": "run-live"}
+    )
+    registry.client.log_batch(started.info.run_id, metrics=[Metric("train/loss", 3.0, 0, 1)])
+    result = register(
+        registry, fake_trained_model(tmp_path, seed=4, exact_match=0.5), "run-live", name="live"
+    )
+    assert result.manifest.run_id == started.info.run_id
+    run = registry.client.get_run(started.info.run_id)
+    assert run.info.run_name == "supervised-live" and run.data.tags["kitchen.datums.content_hash"] == "t" * 64
+    assert len(registry.client.get_metric_history(run.info.run_id, "train/loss")) == 1  # not logged twice
 
 
 def test_same_weights_register_once(registry: ModelRegistry, tmp_path: Path) -> None:

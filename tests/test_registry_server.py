@@ -121,13 +121,14 @@ def test_concurrent_registrations_land_intact(
 
     with ThreadPoolExecutor(2) as pool:
         different = list(pool.map(run, [(0, "srv-race"), (1, "srv-race")]))
-    assert sorted(r.manifest.version for r in different) == ["1", "2"]
+    assert sorted(r.manifest.version for r in different) == ["1", "2"], [r.manifest for r in different]
 
     monkeypatch.setattr(ModelRegistry, "lock", lambda self, name: _NoLock())
     with ThreadPoolExecutor(2) as pool:
         same = list(pool.map(run, [(0, "srv-dup"), (2, "srv-dup")]))
     registry = ModelRegistry(server)
-    assert [v.number for v in registry.versions("srv-dup")] == [same[0].manifest.version]
+    versions = [(v.number, v.aliases, v.version.run_id) for v in registry.versions("srv-dup")]
+    assert [n for n, _, _ in versions] == [same[0].manifest.version], (versions, [r.manifest for r in same])
     assert {r.manifest.version for r in same} == {same[0].manifest.version}
     assert registry.aliases("srv-dup") == {CHAMPION: same[0].manifest.version}
 

@@ -57,8 +57,13 @@ def fake_trained_model(
             for s in (1, 2)
         )
     )
-    report = run_dir / "report.json"
-    report.write_text(json.dumps({"trained": {"exact_match": exact_match}}))
+    report = run_dir / "report" / "report.json"  # laid out as the eval asset writes it
+    (report.parent / "hf-datasets").mkdir(parents=True, exist_ok=True)
+    (report.parent / "hf-datasets" / "cache.arrow").write_bytes(b"not an artifact")
+    report.write_text(
+        json.dumps({"trained": {"exact_match": exact_match}, "higher_is_better": {"exact_match": True}})
+    )
+    (report.parent / "report.png").write_bytes(b"\x89PNG fake plot")
     sampler_path = f"tinker://session-{seed}/sampler_weights/final" if tinker else adapter.resolve().as_uri()
     state_path = (
         f"tinker://session-{seed}/weights/final" if tinker else (run_dir / "state").resolve().as_uri()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from datetime import UTC, datetime
 
 from kitchen.manifests import Manifest, RegisteredModelManifest
@@ -60,7 +61,7 @@ def models_command(args: argparse.Namespace) -> int:
             return _show(registry, ref)
         return _sample(registry, ref, args.prompt, args.max_tokens, args.backend)
     except (RegistryError, ValueError) as err:
-        print(f"kitchen: {err}")
+        print(f"kitchen: {err}", file=sys.stderr)
         return 1
 
 
@@ -148,16 +149,17 @@ def _show(registry: ModelRegistry, ref: ModelRef) -> int:
     for label, keys in _LINEAGE:
         values = [tags[k] for k in keys if tags.get(k)]
         if values:
-            print(f"  {label + ':':<16}{'  '.join(values)}")
+            print(f"  {label + ':':<18}{'  '.join(values)}")
     if tags.get("kitchen.checkpoints"):
-        print(f"  {'checkpoints:':<16}" + "\n  {' ' * 16}".join(tags["kitchen.checkpoints"].splitlines()))
+        print(f"  {'checkpoints:':<18}" + f"\n  {'':<18}".join(tags["kitchen.checkpoints"].splitlines()))
     upstream = {
         k.removeprefix("kitchen.upstream."): v for k, v in tags.items() if k.startswith("kitchen.upstream.")
     }
     for asset, dagster_run in sorted(upstream.items()):
-        print(f"  {'asset:':<16}{asset}  (Dagster run {dagster_run})")
-    if tags.get("kitchen.config"):
-        print(f"  {'config:':<16}{json.dumps(json.loads(tags['kitchen.config']), sort_keys=True)}")
+        print(f"  {'asset:':<18}{asset}  (Dagster run {dagster_run})")
+    for key, label in (("kitchen.hyperparameters", "hyperparameters:"), ("kitchen.config", "run config:")):
+        if tags.get(key):
+            print(f"  {label:<18}{json.dumps(json.loads(tags[key]), sort_keys=True)}")
     others = [v for v in registry.versions(version.name) if v.number != view.number]
     if others:
         listed = ", ".join(

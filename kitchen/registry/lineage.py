@@ -140,6 +140,15 @@ def lineage_tags(model: TrainedModel, provenance: Provenance, *, weights_id: str
         "kitchen.training.steps": str(weights.steps),
         "kitchen.training.final_loss": repr(weights.final_loss),
         "kitchen.config": json.dumps(dict(provenance.config), sort_keys=True, default=str),
+        "kitchen.hyperparameters": json.dumps(
+            {
+                **weights.hyperparameters,
+                "lora_rank": weights.lora_rank,
+                "max_length": datums.max_length,
+                "train_on": datums.train_on,
+            },
+            sort_keys=True,
+        ),
         "kitchen.eval.primary_metric": report.primary_metric,
         "kitchen.eval.examples": str(report.num_examples),
         **_flat("kitchen.eval", report.trained),

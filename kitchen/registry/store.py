@@ -245,14 +245,21 @@ class ModelRegistry:
     def run_for_dagster_run(
         self, experiment_id: str, dagster_run_id: str, *, run_name: str, tags: dict[str, str]
     ) -> Run:
-        """The MLflow run recording ``dagster_run_id``: found by its tag, or started."""
+        """The MLflow run recording ``dagster_run_id`` (found by its tag, e.g. the one the telemetry sink
+        started, or started now), carrying ``tags``."""
+        from mlflow.entities import RunTag
+
         found = self.client.search_runs(
             [experiment_id], f"tags.`{DAGSTER_RUN_TAG}` = '{_quote(dagster_run_id)}'", max_results=1
         )
-        if found:
-            return found[0]
         run_tags = {DAGSTER_RUN_TAG: dagster_run_id, DAGSTER_MLFLOW_RUN_TAG: dagster_run_id, **tags}
-        return self.client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+        if not found:
+            return self.client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+        run_id = found[0].info.run_id
+        items = [RunTag(k, v) for k, v in run_tags.items()]
+        for start in range(0, len(items), 100):  # MLflow's batch limit
+            self.client.log_batch(run_id, tags=items[start : start + 100])
+        return self.client.get_run(run_id)
 
     def run_url(self, experiment_id: str, run_id: str) -> str | None:
         if not is_remote(self.tracking_uri):
