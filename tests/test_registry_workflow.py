@@ -117,7 +117,11 @@ def test_name_mlflow_rejects_fails_at_launch_naming_the_rule(
 
 
 def test_unreachable_tracking_server_fails_before_training(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, kitchen_home: Path
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kitchen_home: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -133,3 +137,8 @@ def test_unreachable_tracking_server_fails_before_training(
     assert failure.step_key == "supervised__base_model"
     assert "is unreachable" in str(failure.step_failure_data)
     assert not (kitchen_home / "runs").exists()  # nothing trained
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    assert main(["run", "supervised", "--model", str(tiny_model_dir)]) == 1
+    assert f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in capsys.readouterr().err
+    assert not (tmp_path / "dagster" / "history").exists()  # refused before a run was launched
