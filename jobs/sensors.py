@@ -29,6 +29,7 @@ import dagster as dg
 import yaml
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 from dagster._utils.error import SerializableErrorInfo
+from pydantic import ValidationError
 
 from kitchen.data.revision import SourceRevision, SourceUnavailable, source_revision
 from kitchen_assets.config import DEFAULT_DATASET, SupervisedRunConfig
@@ -101,13 +102,18 @@ class RetrainSettings:
         sources = tuple(s.strip() for s in listed.split(",") if s.strip()) or (
             str(run_config.get("dataset", DEFAULT_DATASET)),
         )
-        return cls(
-            sources=sources,
-            run_config=run_config,
-            interval_seconds=int(env_number("KITCHEN_RETRAIN_INTERVAL", 300)),
-            default_status=env_status("KITCHEN_RETRAIN_SENSOR", dg.DefaultSensorStatus.STOPPED),
-            hub_timeout=env_number("KITCHEN_RETRAIN_HUB_TIMEOUT", 5.0),
-        )
+        try:
+            return cls(
+                sources=sources,
+                run_config=run_config,
+                interval_seconds=int(env_number("KITCHEN_RETRAIN_INTERVAL", 300)),
+                default_status=env_status("KITCHEN_RETRAIN_SENSOR", dg.DefaultSensorStatus.STOPPED),
+                hub_timeout=env_number("KITCHEN_RETRAIN_HUB_TIMEOUT", 5.0),
+            )
+        except ValidationError as error:
+            raise ValueError(
+                f"KITCHEN_RETRAIN_RUN_CONFIG={config_file}: not a valid run config: {error}"
+            ) from error
 
 
 def _short(revision: str) -> str:

@@ -214,8 +214,11 @@ def test_settings_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.
         RetrainSettings.from_env()
     monkeypatch.delenv("KITCHEN_RETRAIN_SENSOR")
     config.write_text("epochs: 0\n")
-    with pytest.raises(ValueError, match="epochs"):
+    with pytest.raises(
+        ValueError, match=f"KITCHEN_RETRAIN_RUN_CONFIG={config}: not a valid run config"
+    ) as raised:
         RetrainSettings.from_env()
+    assert "epochs" in str(raised.value)
 
 
 def test_default_sensors_and_their_status() -> None:
