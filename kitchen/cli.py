@@ -61,40 +61,71 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a workflow end to end as a Dagster job")
     run.add_argument("workflow", choices=WORKFLOWS, help="which workflow to run")
-    run.add_argument("--model", help="base model: SmolLM2-135M-Instruct (packaged, default), a local "
-                     "Hugging Face model directory, a Hub id, or a Tinker model name")
-    run.add_argument("--dataset", help="built-in dataset (default kitchen/arithmetic), a JSONL/CSV/Parquet "
-                     "file, a save_to_disk or data-files directory, or a Hub dataset id")
+    run.add_argument(
+        "--model",
+        help="base model: SmolLM2-135M-Instruct (packaged, default), a local "
+        "Hugging Face model directory, a Hub id, or a Tinker model name",
+    )
+    run.add_argument(
+        "--dataset",
+        help="built-in dataset (default kitchen/arithmetic), a JSONL/CSV/Parquet "
+        "file, a save_to_disk or data-files directory, or a Hub dataset id",
+    )
     run.add_argument("--dataset-revision", help="Hub dataset revision (branch, tag or commit)")
     run.add_argument("--epochs", type=int, help="passes over the training set (default 1)")
     run.add_argument("--batch-size", type=int, help="datums per optimizer step (default 16)")
-    run.add_argument("--learning-rate", type=float,
-                     help="Adam learning rate (default: tinker-cookbook's recommended LoRA rate for the model)")
+    run.add_argument(
+        "--learning-rate",
+        type=float,
+        help="Adam learning rate (default: tinker-cookbook's recommended LoRA rate for the model)",
+    )
     run.add_argument("--lr-schedule", choices=("linear", "cosine", "constant"), help="default linear")
     run.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 0)")
     run.add_argument("--lora-rank", type=int, help="LoRA rank (default 32)")
     run.add_argument("--max-length", type=int, help="max tokens per datum; longer rows are truncated (256)")
     run.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     run.add_argument("--max-rows", type=int, help="use at most this many training rows")
-    run.add_argument("--train-on", choices=("last_assistant", "all_assistant", "all"),
-                     help="which tokens carry loss (default all_assistant)")
+    run.add_argument(
+        "--train-on",
+        choices=("last_assistant", "all_assistant", "all"),
+        help="which tokens carry loss (default all_assistant)",
+    )
     run.add_argument("--save-every", type=int, help="checkpoint every N steps (default 20, 0 = only final)")
-    run.add_argument("--max-in-flight", type=int, help="training steps submitted before the oldest is "
-                     "awaited (default 2; raise it when request latency exceeds step compute)")
+    run.add_argument(
+        "--max-in-flight",
+        type=int,
+        help="training steps submitted before the oldest is "
+        "awaited (default 2; raise it when request latency exceeds step compute)",
+    )
     run.add_argument("--seed", type=int, help="training seed (default 0)")
     run.add_argument("--eval-examples", type=int, help="held-out rows to generate and score (default 100)")
     run.add_argument("--eval-max-tokens", type=int, help="max new tokens per evaluation generation (16)")
-    run.add_argument("--eval-tasks", help="extra lm-eval tasks, comma-separated (gsm8k,hellaswag, or "
-                     "Kitchen's kitchen_arithmetic); the held-out tasks always run")
-    run.add_argument("--gate-metric", help="the quality gate's primary metric (default exact_match; nll, f1, "
-                     "... or <task>/<metric>)")
-    run.add_argument("--gate-margin", type=float,
-                     help="how much the trained model must beat the base on the gate metric (default 0.02)")
-    run.add_argument("--backend", choices=("local", "tinker"), default=None,
-                     help="training backend (default $KITCHEN_BACKEND or local)")
+    run.add_argument(
+        "--eval-tasks",
+        help="extra lm-eval tasks, comma-separated (gsm8k,hellaswag, or "
+        "Kitchen's kitchen_arithmetic); the held-out tasks always run",
+    )
+    run.add_argument(
+        "--gate-metric",
+        help="the quality gate's primary metric (default exact_match; nll, f1, ... or <task>/<metric>)",
+    )
+    run.add_argument(
+        "--gate-margin",
+        type=float,
+        help="how much the trained model must beat the base on the gate metric (default 0.02)",
+    )
+    run.add_argument(
+        "--backend",
+        choices=("local", "tinker"),
+        default=None,
+        help="training backend (default $KITCHEN_BACKEND or local)",
+    )
     run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")
-    run.add_argument("--registered-model-name", help="MLflow registered model to add the trained version to "
-                     "(default <workflow>-<base model>-<dataset>)")
+    run.add_argument(
+        "--registered-model-name",
+        help="MLflow registered model to add the trained version to "
+        "(default <workflow>-<base model>-<dataset>)",
+    )
     run.add_argument("--mlflow-run-name", help="name of the run's MLflow run (default <workflow>-<run id>)")
     from kitchen.registry.cli import add_models_parser
 
@@ -106,7 +137,9 @@ def build_run_config(args: argparse.Namespace) -> dict[str, Any]:
     """The job's flat run config from the flags given; validated with the job's own schema."""
     from kitchen_assets.config import SupervisedRunConfig
 
-    values = {field: getattr(args, flag) for flag, field in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
+    values = {
+        field: getattr(args, flag) for flag, field in _FLAG_FIELDS.items() if getattr(args, flag) is not None
+    }
     return SupervisedRunConfig(**values).model_dump(exclude_defaults=True)
 
 

@@ -4,14 +4,20 @@ Each workflow (supervised, dpo, rl, distillation) calls these with its own name,
 asset exist once per workflow group with their own lineage and config.
 """
 
-
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from kitchen.data import build_datums, load_dataset_source, load_saved_dataset, save_dataset, save_datums, tokenizer_fingerprint
+from kitchen.data import (
+    build_datums,
+    load_dataset_source,
+    load_saved_dataset,
+    save_dataset,
+    save_datums,
+    tokenizer_fingerprint,
+)
 from kitchen.manifests import BaseModelManifest, DatasetManifest, DatumsManifest
 from kitchen_assets.config import DatasetConfig, DatumsConfig, ModelConfig
 from kitchen_assets.metadata import histogram_markdown, markdown_table
@@ -20,7 +26,7 @@ from resources.mlflow_registry import MlflowRegistry
 from resources.training import TrainingBackend
 
 
-def load_tokenizer(base_model: BaseModelManifest):  # type: ignore[no-untyped-def]
+def load_tokenizer(base_model: BaseModelManifest):
     """The tokenizer that renders datums and decodes samples for ``base_model``."""
     from transformers import AutoTokenizer
 
@@ -126,7 +132,10 @@ def datums_asset(workflow: str) -> dg.AssetsDefinition:
     ) -> DatumsManifest:
         tokenizer = load_tokenizer(base_model)
         built = build_datums(
-            load_saved_dataset(dataset.path), tokenizer, train_on=config.train_on, max_length=config.max_length
+            load_saved_dataset(dataset.path),
+            tokenizer,
+            train_on=config.train_on,
+            max_length=config.max_length,
         )
         if not built.train:
             raise ValueError(

@@ -17,14 +17,14 @@ from kitchen.models.base import DEFAULT_MODEL
 DEFAULT_DATASET = "kitchen/arithmetic"
 
 
-class ModelConfig(dg.Config):  # type: ignore[misc]
+class ModelConfig(dg.Config):
     model: str = Field(
         default=DEFAULT_MODEL,
         description="Base model: the packaged SmolLM2-135M-Instruct, a local HF directory, or a Hub id.",
     )
 
 
-class DatasetConfig(dg.Config):  # type: ignore[misc]
+class DatasetConfig(dg.Config):
     dataset: str = Field(
         default=DEFAULT_DATASET,
         description="A built-in dataset, a JSONL/CSV/Parquet file, a local dataset directory, or a Hub id.",
@@ -35,14 +35,16 @@ class DatasetConfig(dg.Config):  # type: ignore[misc]
     data_seed: int = Field(default=0, ge=0, description="Seed for splitting and built-in generation.")
 
 
-class DatumsConfig(dg.Config):  # type: ignore[misc]
-    max_length: int = Field(default=256, ge=8, le=131072, description="Tokens per datum; longer rows are cut.")
+class DatumsConfig(dg.Config):
+    max_length: int = Field(
+        default=256, ge=8, le=131072, description="Tokens per datum; longer rows are cut."
+    )
     train_on: Literal["last_assistant", "all_assistant", "all"] = Field(
         default="all_assistant", description="Which tokens carry loss (tinker-cookbook's TrainOnWhat)."
     )
 
 
-class TrainingConfig(dg.Config):  # type: ignore[misc]
+class TrainingConfig(dg.Config):
     epochs: int = Field(default=1, ge=1, le=1000)
     batch_size: int = Field(default=16, ge=1, le=8192)
     learning_rate: float | None = Field(
@@ -63,7 +65,7 @@ class TrainingConfig(dg.Config):  # type: ignore[misc]
     resume: bool = Field(default=True, description="Resume an interrupted run from its last checkpoint.")
 
 
-class EvalConfig(dg.Config):  # type: ignore[misc]
+class EvalConfig(dg.Config):
     eval_examples: int = Field(
         default=100, ge=1, le=100000, description="Documents scored per task (lm-eval's limit)."
     )
@@ -141,6 +143,4 @@ class SupervisedRunConfig(
 def split_run_config(flat: SupervisedRunConfig, op_names: dict[str, type[dg.Config]]) -> dict[str, Any]:
     """Per-op config for each op name from the flat config (each class keeps only its own fields)."""
     values = flat.model_dump()
-    return {
-        op: {"config": {name: values[name] for name in cls.model_fields}} for op, cls in op_names.items()
-    }
+    return {op: {"config": {name: values[name] for name in cls.model_fields}} for op, cls in op_names.items()}

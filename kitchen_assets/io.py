@@ -30,7 +30,7 @@ def read_manifest(asset_key: dg.AssetKey, root: Path | None = None) -> manifests
     return cls.model_validate(payload["data"])
 
 
-class ManifestIOManager(dg.ConfigurableIOManager):  # type: ignore[misc]
+class ManifestIOManager(dg.ConfigurableIOManager):
     """Each asset's manifest is a JSON file named by its key; written atomically."""
 
     root: str | None = None
@@ -46,7 +46,9 @@ class ManifestIOManager(dg.ConfigurableIOManager):  # type: ignore[misc]
         path = manifest_path(context.asset_key, self._root())
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"type": type(obj).__name__, "data": obj.model_dump(mode="json")}, indent=2))
+        tmp.write_text(
+            json.dumps({"type": type(obj).__name__, "data": obj.model_dump(mode="json")}, indent=2)
+        )
         os.replace(tmp, path)
         context.add_output_metadata({"manifest": dg.MetadataValue.path(str(path))})
 

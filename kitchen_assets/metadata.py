@@ -25,8 +25,14 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
     return "\n".join(lines)
 
 
-def line_plot(path: Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
-              xlabel: str, ylabel: str) -> Path:
+def line_plot(
+    path: Path,
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+) -> Path:
     """Write a PNG line plot of named (x, y) series and return its path."""
     import matplotlib
 
@@ -58,6 +64,8 @@ def image_markdown(path: Path, alt: str) -> dg.MetadataValue:
 def histogram_markdown(counts: Mapping[str, int]) -> str:
     """A text histogram table (bucket, count, bar)."""
     peak = max(counts.values(), default=0) or 1
-    rows = [{"bucket": k, "count": v, "": "█" * max(1, round(20 * v / peak)) if v else ""}
-            for k, v in counts.items()]
+    rows = [
+        {"bucket": k, "count": v, "": "█" * max(1, round(20 * v / peak)) if v else ""}
+        for k, v in counts.items()
+    ]
     return markdown_table(rows)

@@ -4,7 +4,6 @@ A workflow supplies how its datums become per-step batches and which loss the lo
 (``kitchen.training.loop``) is the same for all of them.
 """
 
-
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -15,7 +14,13 @@ from tinker import types
 from kitchen.data import read_datums
 from kitchen.hashing import hash_json
 from kitchen.home import home_dir
-from kitchen.manifests import BaseModelManifest, CheckpointRef, CheckpointsManifest, DatumsManifest, WeightsManifest
+from kitchen.manifests import (
+    BaseModelManifest,
+    CheckpointRef,
+    CheckpointsManifest,
+    DatumsManifest,
+    WeightsManifest,
+)
 from kitchen.telemetry.training import CompositeObserver, TelemetryObserver
 from kitchen.training.batching import make_batches
 from kitchen.training.loop import Checkpoint, StepMetrics, TrainingResult, TrainingSpec, run_training
@@ -66,12 +71,16 @@ def resolve_learning_rate(config: TrainingConfig, base_model: BaseModelManifest)
     return recommended_lora_lr(hidden, base_model.architecture)
 
 
-BatchBuilder = Callable[[list[types.Datum], TrainingConfig], list]  # type: ignore[type-arg]
+BatchBuilder = Callable[[list[types.Datum], TrainingConfig], list]
 
 
-def sft_batches(datums: list[types.Datum], config: TrainingConfig) -> list:  # type: ignore[type-arg]
+def sft_batches(datums: list[types.Datum], config: TrainingConfig) -> list:
     return make_batches(
-        datums, batch_size=config.batch_size, epochs=config.epochs, seed=config.seed, max_steps=config.max_steps
+        datums,
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        seed=config.seed,
+        max_steps=config.max_steps,
     )
 
 
@@ -82,9 +91,13 @@ TRAIN_RETRY_POLICY = dg.RetryPolicy(
 )
 
 
-def training_multi_asset(workflow: str, *, loss_fn: str = "cross_entropy",
-                         batch_builder: BatchBuilder = sft_batches,
-                         retry_policy: dg.RetryPolicy | None = TRAIN_RETRY_POLICY) -> dg.AssetsDefinition:
+def training_multi_asset(
+    workflow: str,
+    *,
+    loss_fn: str = "cross_entropy",
+    batch_builder: BatchBuilder = sft_batches,
+    retry_policy: dg.RetryPolicy | None = TRAIN_RETRY_POLICY,
+) -> dg.AssetsDefinition:
     @dg.multi_asset(
         name=f"{workflow}__train",
         group_name=workflow,
@@ -113,7 +126,7 @@ def training_multi_asset(workflow: str, *, loss_fn: str = "cross_entropy",
         training: TrainingBackend,
         base_model: BaseModelManifest,
         datums: DatumsManifest,
-    ):  # type: ignore[no-untyped-def]
+    ):
         train_datums = read_datums(Path(datums.train_path))
         batches = batch_builder(train_datums, config)
         lr = resolve_learning_rate(config, base_model)
@@ -131,9 +144,17 @@ def training_multi_asset(workflow: str, *, loss_fn: str = "cross_entropy",
             grad_clip_norm=config.grad_clip_norm,
             max_in_flight=config.max_in_flight,
         )
+        # The key names everything that shapes the result; pipelining depth does not, so changing it
+        # between attempts still resumes.
         key = hash_json(
-            {"spec": asdict(spec), "datums": datums.content_hash, "base": base_model.content_hash,
-             "backend": training.backend_name, "epochs": config.epochs, "batch_size": config.batch_size}
+            {
+                "spec": {k: v for k, v in asdict(spec).items() if k != "max_in_flight"},
+                "datums": datums.content_hash,
+                "base": base_model.content_hash,
+                "backend": training.backend_name,
+                "epochs": config.epochs,
+                "batch_size": config.batch_size,
+            }
         )
         run_dir = home_dir("runs", workflow, key[:16])
         context.log.info(
@@ -142,41 +163,72 @@ def training_multi_asset(workflow: str, *, loss_fn: str = "cross_entropy",
         )
         try:
             result = run_training(
-                training.service_client(), spec, batches, run_dir, key=key,
-                observer=CompositeObserver(DagsterLogObserver(context), TelemetryObserver()), resume=config.resume,
+                training.service_client(),
+                spec,
+                batches,
+                run_dir,
+                key=key,
+                observer=CompositeObserver(DagsterLogObserver(context), TelemetryObserver()),
+                resume=config.resume,
             )
         except Exception as err:
             if training.is_transient(err):
                 raise
             raise dg.Failure(description=f"{type(err).__name__}: {err}", allow_retries=False) from err
         hyper = {
-            "learning_rate": lr, "lr_schedule": config.lr_schedule, "warmup_steps": config.warmup_steps,
-            "epochs": config.epochs, "batch_size": config.batch_size, "lora_rank": config.lora_rank,
-            "max_steps": config.max_steps or 0, "seed": config.seed, "loss_fn": loss_fn,
+            "learning_rate": lr,
+            "lr_schedule": config.lr_schedule,
+            "warmup_steps": config.warmup_steps,
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "lora_rank": config.lora_rank,
+            "max_steps": config.max_steps or 0,
+            "seed": config.seed,
+            "loss_fn": loss_fn,
         }
         yield from _outputs(workflow, result, spec, run_dir, training.backend_name, hyper, config)
 
     return train
 
 
-def _outputs(workflow: str, result: TrainingResult, spec: TrainingSpec, run_dir: Path, backend: str,
-             hyper: dict[str, float | int | str], config: TrainingConfig):  # type: ignore[no-untyped-def]
+def _outputs(
+    workflow: str,
+    result: TrainingResult,
+    spec: TrainingSpec,
+    run_dir: Path,
+    backend: str,
+    hyper: dict[str, float | int | str],
+    config: TrainingConfig,
+):
     steps = [m.step for m in result.metrics]
     plot = line_plot(
         run_dir / "loss.png",
         {"train loss": (steps, [m.loss for m in result.metrics])},
-        title=f"{workflow}: training loss", xlabel="step", ylabel="mean NLL per trained token",
+        title=f"{workflow}: training loss",
+        xlabel="step",
+        ylabel="mean NLL per trained token",
     )
     tps = [m.tokens_per_second for m in result.metrics if m.tokens_per_second == m.tokens_per_second]
     refs = [CheckpointRef(step=c.step, path=c.path, kind=c.kind) for c in result.checkpoints]  # type: ignore[arg-type]
     checkpoints = CheckpointsManifest(
-        checkpoints=refs, steps=result.steps, epochs=config.epochs, final_loss=result.final_loss,
-        metrics_path=result.metrics_path, backend=backend, run_name=run_dir.name,
+        checkpoints=refs,
+        steps=result.steps,
+        epochs=config.epochs,
+        final_loss=result.final_loss,
+        metrics_path=result.metrics_path,
+        backend=backend,
+        run_name=run_dir.name,
     )
     weights = WeightsManifest(
-        sampler_path=result.sampler_path, state_path=result.state_path, base_model=spec.base_model,
-        backend=backend, lora_rank=spec.lora_rank, steps=result.steps, final_loss=result.final_loss,
-        content_hash=hash_json([result.sampler_path, result.final_loss, result.steps]), hyperparameters=hyper,
+        sampler_path=result.sampler_path,
+        state_path=result.state_path,
+        base_model=spec.base_model,
+        backend=backend,
+        lora_rank=spec.lora_rank,
+        steps=result.steps,
+        final_loss=result.final_loss,
+        content_hash=hash_json([result.sampler_path, result.final_loss, result.steps]),
+        hyperparameters=hyper,
     )
     yield dg.Output(
         checkpoints,
@@ -187,7 +239,9 @@ def _outputs(workflow: str, result: TrainingResult, spec: TrainingSpec, run_dir:
             "first_loss": result.metrics[0].loss if result.metrics else float("nan"),
             "mean_tokens_per_second": sum(tps) / len(tps) if tps else 0.0,
             "resumed_from": result.resumed_from or "",
-            "checkpoint_uris": dg.MetadataValue.md("\n".join(f"- step {c.step} ({c.kind}): `{c.path}`" for c in refs)),
+            "checkpoint_uris": dg.MetadataValue.md(
+                "\n".join(f"- step {c.step} ({c.kind}): `{c.path}`" for c in refs)
+            ),
             "loss_curve": image_markdown(plot, "loss curve"),
             "metrics_jsonl": dg.MetadataValue.path(result.metrics_path),
         },

@@ -15,8 +15,8 @@ class BackendUnavailableError(RuntimeError):
     """The backend cannot be used (missing credentials, unreachable service); raised before any work."""
 
 
-class TrainingBackend(dg.ConfigurableResource, ABC):  # type: ignore[misc]
-    """A factory for the contract's ``ServiceClient``; bind ``LocalBackend`` or ``TinkerBackend`` as ``training``."""
+class TrainingBackend(dg.ConfigurableResource, ABC):
+    """Makes the contract's ``ServiceClient``; bind ``LocalBackend`` or ``TinkerBackend`` as ``training``."""
 
     @property
     @abstractmethod
@@ -29,7 +29,7 @@ class TrainingBackend(dg.ConfigurableResource, ABC):  # type: ignore[misc]
     def resolve_base_model(self, name: str) -> BaseModelManifest:
         """Turn a user's model name into what this backend trains on, or fail naming what was tried."""
 
-    def preflight(self) -> None:  # noqa: B027 - optional hook
+    def preflight(self) -> None:
         """Fail fast (before any asset does work) when the backend cannot be used; a no-op by default."""
 
     def is_transient(self, error: BaseException) -> bool:

@@ -64,7 +64,13 @@ def test_supervised_job_materialises_every_asset(tiny_model_dir: Path) -> None:
     assert materialised == {
         ("supervised", name)
         for name in (
-            "base_model", "dataset", "datums", "checkpoints", "trained_weights", "eval_report", "registered_model"
+            "base_model",
+            "dataset",
+            "datums",
+            "checkpoints",
+            "trained_weights",
+            "eval_report",
+            "registered_model",
         )
     }
 
@@ -226,6 +232,13 @@ def test_dagster_asset_materialize_cli_on_tiny_config(tiny_model_dir: Path, tmp_
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with _instance_at(tmp_path / "dagster") as instance:
-        for name in ("base_model", "dataset", "datums", "checkpoints", "trained_weights", "eval_report",
-                     "registered_model"):
+        for name in (
+            "base_model",
+            "dataset",
+            "datums",
+            "checkpoints",
+            "trained_weights",
+            "eval_report",
+            "registered_model",
+        ):
             assert instance.get_latest_materialization_event(dg.AssetKey(["supervised", name])) is not None
