@@ -144,3 +144,28 @@ def split_run_config(flat: SupervisedRunConfig, op_names: dict[str, type[dg.Conf
     """Per-op config for each op name from the flat config (each class keeps only its own fields)."""
     values = flat.model_dump()
     return {op: {"config": {name: values[name] for name in cls.model_fields}} for op, cls in op_names.items()}
+
+
+def smoke_run_config(model_dir: str) -> dict[str, Any]:
+    """The flat config of a seconds-long smoke run on a tiny model (``kitchen.models.tiny``): CI's
+    ``dagster asset materialize`` and the tests use it.
+
+    4 optimizer steps on 48 built-in rows, gated on held-out NLL, which a few steps do move (a random
+    model gets no arithmetic right, so exact match cannot pass a gate); the gate still fails a run that
+    did not lower NLL by 0.01.
+    """
+    return {
+        "model": str(model_dir),
+        "dataset": "kitchen/arithmetic",
+        "max_rows": 48,
+        "batch_size": 8,
+        "max_steps": 4,
+        "save_every": 2,
+        "learning_rate": 5e-3,
+        "lora_rank": 4,
+        "max_length": 64,
+        "eval_examples": 6,
+        "eval_max_tokens": 4,
+        "gate_metric": "nll",
+        "gate_margin": 0.01,
+    }

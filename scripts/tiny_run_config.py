@@ -9,31 +9,10 @@ The config is per-op (what ``dagster asset materialize --select 'group:supervise
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 from kitchen.models.tiny import build_tiny_model
-from kitchen_assets.config import SupervisedRunConfig, split_run_config
+from kitchen_assets.config import SupervisedRunConfig, smoke_run_config, split_run_config
 from kitchen_assets.supervised import SUPERVISED_OP_CONFIGS
-
-
-def tiny_flat_config(model_dir: Path) -> dict[str, Any]:
-    """A 2-layer random model, 4 optimizer steps on 48 built-in rows; gated on held-out NLL, which a
-    few steps do move (a random model gets no arithmetic right, so exact match cannot pass a gate)."""
-    return {
-        "model": str(model_dir),
-        "dataset": "kitchen/arithmetic",
-        "max_rows": 48,
-        "batch_size": 8,
-        "max_steps": 4,
-        "save_every": 2,
-        "learning_rate": 5e-3,
-        "lora_rank": 4,
-        "max_length": 64,
-        "eval_examples": 6,
-        "eval_max_tokens": 4,
-        "gate_metric": "nll",
-        "gate_margin": 0.01,
-    }
 
 
 def main() -> None:
@@ -44,7 +23,7 @@ def main() -> None:
     model_dir = out / "tiny-model"
     if not (model_dir / "config.json").is_file():
         build_tiny_model(model_dir)
-    flat = SupervisedRunConfig(**tiny_flat_config(model_dir))  # validated like a launch
+    flat = SupervisedRunConfig(**smoke_run_config(str(model_dir)))  # validated like a launch
     (out / "run_config.json").write_text(
         json.dumps({"ops": split_run_config(flat, SUPERVISED_OP_CONFIGS)}, indent=2)
     )

@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 
 from kitchen.manifests import CheckpointsManifest, DatumsManifest, EvalManifest, WeightsManifest
-from kitchen_assets.config import SupervisedRunConfig, split_run_config
+from kitchen_assets.config import SupervisedRunConfig, smoke_run_config, split_run_config
 from kitchen_assets.definitions import build_definitions
 from kitchen_assets.io import read_manifest
 from kitchen_assets.supervised import SUPERVISED_OP_CONFIGS
@@ -28,25 +28,7 @@ def _instance_at(home: Path) -> dg.DagsterInstance:
 
 
 def tiny_run_config(model_dir: Path, **overrides: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "model": str(model_dir),
-        "dataset": "kitchen/arithmetic",
-        "max_rows": 48,
-        "batch_size": 8,
-        "max_steps": 4,
-        "save_every": 2,
-        "learning_rate": 5e-3,
-        "lora_rank": 4,
-        "max_length": 64,
-        "eval_examples": 6,
-        "eval_max_tokens": 4,
-        # A random tiny model cannot get arithmetic right, so gate on what 2-4 steps do move: held-out NLL
-        # (it drops by ~0.08-0.11 here); the gate still fails a run that did not lower it by 0.01.
-        "gate_metric": "nll",
-        "gate_margin": 0.01,
-    }
-    config.update(overrides)
-    return config
+    return {**smoke_run_config(str(model_dir)), **overrides}
 
 
 def _run_job(run_config: dict[str, Any]) -> dg.ExecuteInProcessResult:
