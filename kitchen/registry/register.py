@@ -287,11 +287,33 @@ def _stage_model(target: Path, model: TrainedModel, name: str, weights_id: str) 
     (target / DESCRIPTOR).write_text(json.dumps(descriptor, indent=2, sort_keys=True) + "\n")
 
 
+_WRITE_RACE_MARKERS = ("UNIQUE constraint", "IntegrityError", "Duplicate entry", "duplicate key")
+
+
+def _race_safe(write: Callable[..., object], *args: str) -> None:
+    """Run an idempotent registry write, retrying when a concurrent writer inserted the same row first.
+
+    MLflow's SQL store sets a tag or alias by select-then-insert; two registrations of the same version at
+    once (two machines, no shared lock) can both insert, and the loser gets a unique-constraint error over
+    REST. The row then exists, so the retry updates it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(3):
+        try:
+            write(*args)
+            return
+        except MlflowException as err:
+            if attempt == 2 or not any(marker in str(err) for marker in _WRITE_RACE_MARKERS):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 def _refresh_eval_tags(registry: ModelRegistry, version: ModelVersion, tags: Mapping[str, str]) -> None:
     """Re-registration re-evaluates the same weights: the version's eval tags follow the newest report."""
     for key, value in tags.items():
         if key.startswith("kitchen.eval.") and version.tags.get(key) != value:
-            registry.client.set_model_version_tag(version.name, str(version.version), key, value)
+            _race_safe(registry.client.set_model_version_tag, version.name, str(version.version), key, value)
 
 
 def _promote(
@@ -315,11 +337,11 @@ def _promote(
         champion_value=champion_value,
     )
     if decision.alias == CHAMPION:
-        client.set_registered_model_alias(name, CHAMPION, version)
+        _race_safe(client.set_registered_model_alias, name, CHAMPION, version)
         if aliases.get(CHALLENGER) == version:
             client.delete_registered_model_alias(name, CHALLENGER)
     elif aliases.get(CHAMPION) != version:  # never demote the champion by re-registering it
-        client.set_registered_model_alias(name, CHALLENGER, version)
+        _race_safe(client.set_registered_model_alias, name, CHALLENGER, version)
     for key, value in {
         "kitchen.promotion.alias": decision.alias,
         "kitchen.promotion.reason": decision.reason,
@@ -327,7 +349,7 @@ def _promote(
         "kitchen.promotion.gate_source": decision.gate_source,
         "kitchen.promotion.previous_champion": decision.previous_champion or "none",
     }.items():
-        client.set_model_version_tag(name, version, key, value)
+        _race_safe(client.set_model_version_tag, name, version, key, value)
     log(f"{name} v{version} -> {decision.alias}: {decision.reason}")
     return decision
 
