@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-in-flight",
         type=int,
         help="training steps submitted before the oldest is "
-        "awaited (default 2; raise it when request latency exceeds step compute)",
+        "awaited (default 8: hides request latency up to ~7x the compute of a step)",
     )
     run.add_argument("--seed", type=int, help="training seed (default 0)")
     run.add_argument("--eval-examples", type=int, help="held-out rows to generate and score (default 100)")

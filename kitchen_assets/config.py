@@ -59,7 +59,7 @@ class TrainingConfig(dg.Config):
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
     save_every: int = Field(default=20, ge=0, description="Checkpoint (with optimizer state) every N steps.")
     seed: int = Field(default=0, ge=0)
-    max_in_flight: int = Field(default=2, ge=1, le=64, description="Steps submitted before awaiting results.")
+    max_in_flight: int = Field(default=8, ge=1, le=64, description="Steps submitted before awaiting results.")
     weight_decay: float = Field(default=0.0, ge=0.0)
     grad_clip_norm: float = Field(default=0.0, ge=0.0)
     resume: bool = Field(default=True, description="Resume an interrupted run from its last checkpoint.")

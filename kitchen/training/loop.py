@@ -49,7 +49,7 @@ class TrainingSpec:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip_norm: float = 0.0
-    max_in_flight: int = 2
+    max_in_flight: int = 8
 
     def adam(self, learning_rate: float) -> types.AdamParams:
         return types.AdamParams(
