@@ -12,7 +12,7 @@ import dagster as dg
 from tinker import types
 
 from kitchen.data import read_datums
-from kitchen.hashing import hash_json
+from kitchen.hashing import hash_json, hash_tree
 from kitchen.home import home_dir
 from kitchen.manifests import (
     BaseModelManifest,
@@ -29,6 +29,13 @@ from kitchen_assets.config import TrainingConfig
 from kitchen_assets.metadata import image_markdown, line_plot
 from kitchen_assets.telemetry import instrumented
 from resources.training import TrainingBackend
+
+
+def _weights_hash(sampler_path: str) -> str:
+    """The bytes of locally saved weights; a remote (``tinker://``) path names immutable weights itself."""
+    if sampler_path.startswith("file://"):
+        return hash_tree(Path(sampler_path.removeprefix("file://")))
+    return hash_json(sampler_path)
 
 
 def _format_eta(seconds: float) -> str:
@@ -227,7 +234,7 @@ def _outputs(
         lora_rank=spec.lora_rank,
         steps=result.steps,
         final_loss=result.final_loss,
-        content_hash=hash_json([result.sampler_path, result.final_loss, result.steps]),
+        content_hash=_weights_hash(result.sampler_path),
         hyperparameters=hyper,
     )
     yield dg.Output(
