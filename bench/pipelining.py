@@ -35,8 +35,9 @@ from tinker import types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kitchen.contract import ResultFuture, ServiceClient, TrainingClient
 from kitchen.training.loop import Batch, TrainingSpec, run_training
-from resources.contract import ResultFuture, ServiceClient, TrainingClient
+from resources.futures import resolved
 
 T = TypeVar("T")
 
@@ -141,14 +142,18 @@ class LatencyService:
         self, base_model: str, rank: int = 32, seed: int | None = None
     ) -> LatencyTrainingClient:
         self._round_trip()
-        return LatencyTrainingClient(
-            self._inner.create_lora_training_client(base_model, rank, seed), self._wire
+        return resolved(
+            LatencyTrainingClient(
+                self._inner.create_lora_training_client(base_model, rank, seed).result(), self._wire
+            )
         )
 
     def create_training_client_from_state_with_optimizer(self, path: str) -> LatencyTrainingClient:
         self._round_trip()
-        return LatencyTrainingClient(
-            self._inner.create_training_client_from_state_with_optimizer(path), self._wire
+        return resolved(
+            LatencyTrainingClient(
+                self._inner.create_training_client_from_state_with_optimizer(path).result(), self._wire
+            )
         )
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> Any:
@@ -203,7 +208,7 @@ def _time_loop(
 
 def _time_sequential(service: ServiceClient, base_model: str, batches: list[Batch]) -> float:
     """Seconds per step when every request is awaited before the next one is sent."""
-    client = service.create_lora_training_client(base_model, rank=8, seed=0)
+    client = service.create_lora_training_client(base_model, rank=8, seed=0).result()
     adam = types.AdamParams(learning_rate=1e-4)
     started = time.perf_counter()
     for batch in batches:
@@ -231,7 +236,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kitchen-bench-"))
     model = args.model or str(build_tiny_model(work / "tiny"))
     engine = LocalServiceClient(root=work / "engine", num_threads=args.threads)
-    vocab = len(engine.create_lora_training_client(model, rank=8, seed=0).get_tokenizer())
+    vocab = len(engine.create_lora_training_client(model, rank=8, seed=0).result().get_tokenizer())
     batches = _batches(vocab, args.steps, args.batch, args.length)
     latency = args.latency_ms / 1000
     slow = LatencyService(engine, latency)

@@ -44,7 +44,7 @@ def main() -> None:
 
     base = resolve_base_model(args.model)
     service = LocalServiceClient()
-    client = service.create_lora_training_client(base.backend_model, rank=args.rank, seed=0)
+    client = service.create_lora_training_client(base.backend_model, rank=args.rank, seed=0).result()
     vocab = len(client.get_tokenizer())
     rng = random.Random(0)
     adam = types.AdamParams(learning_rate=1e-4)

@@ -91,9 +91,9 @@ def eval_report_asset(workflow: str) -> dg.AssetsDefinition:
         results: dict[str, ModelResults] = {}
         for label in ("base", "trained"):
             client = (
-                service.create_sampling_client(base_model=base_model.backend_model)
+                service.create_sampling_client(base_model=base_model.backend_model).result()
                 if label == "base"
-                else service.create_sampling_client(model_path=trained_weights.sampler_path)
+                else service.create_sampling_client(model_path=trained_weights.sampler_path).result()
             )
             lm = KitchenLM(client, max_length=window, skip_greedy_for=[NLL_TASK], label=label)
             if not files:

@@ -15,11 +15,13 @@ Three things keep it from ever hanging or leaking:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -27,9 +29,10 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 from tinker import types
 
+from kitchen.contract import ResultFuture
 from kitchen.hashing import hash_json
 from kitchen.manifests import BaseModelManifest
-from resources.contract import ResultFuture
+from resources.futures import run_now
 from resources.training import BackendUnavailableError, TrainingBackend
 
 API_KEY_ENV = "TINKER_API_KEY"
@@ -333,18 +336,22 @@ class TinkerTrainingClient:
     def save_weights_for_sampler(self, name: str) -> BoundedFuture[types.SaveWeightsForSamplerResponse]:
         return self._bound("save_weights_for_sampler", self._inner.save_weights_for_sampler(name))
 
-    def create_sampling_client(self, model_path: str) -> TinkerSamplingClient:
-        inner = self._session.call(
-            "create_sampling_client", lambda: self._inner.create_sampling_client(model_path).result()
+    def create_sampling_client(self, model_path: str) -> Future[TinkerSamplingClient]:
+        return run_now(
+            lambda: TinkerSamplingClient(
+                self._session.call(
+                    "create_sampling_client", lambda: self._inner.create_sampling_client(model_path).result()
+                ),
+                self._session,
+            )
         )
-        return TinkerSamplingClient(inner, self._session)
 
     def get_tokenizer(self) -> Any:
         return self._inner.get_tokenizer()
 
 
 class TinkerServiceClient:
-    """``resources.contract.ServiceClient`` on ``tinker.ServiceClient``.
+    """``kitchen.contract.ServiceClient`` on ``tinker.ServiceClient``.
 
     The SDK's creation methods return futures of clients; these await them (bounded) and return clients,
     as the contract and the local engine do.
@@ -353,37 +360,48 @@ class TinkerServiceClient:
     def __init__(self, inner: Any, session: _Session) -> None:
         self._inner, self._session = inner, session
 
+    def _training(self, what: str, create: Callable[[], Any]) -> Future[TinkerTrainingClient]:
+        return run_now(lambda: TinkerTrainingClient(self._session.call(what, create), self._session))
+
     def create_lora_training_client(
         self, base_model: str, rank: int = 32, seed: int | None = None
-    ) -> TinkerTrainingClient:
-        inner = self._session.call(
+    ) -> Future[TinkerTrainingClient]:
+        return self._training(
             "create_lora_training_client",
             lambda: self._inner.create_lora_training_client(base_model, rank=rank, seed=seed).result(),
         )
-        return TinkerTrainingClient(inner, self._session)
 
-    def create_training_client_from_state(self, path: str) -> TinkerTrainingClient:
-        inner = self._session.call(
+    def create_training_client_from_state(self, path: str) -> Future[TinkerTrainingClient]:
+        return self._training(
             "create_training_client_from_state",
             lambda: self._inner.create_training_client_from_state(path).result(),
         )
-        return TinkerTrainingClient(inner, self._session)
 
-    def create_training_client_from_state_with_optimizer(self, path: str) -> TinkerTrainingClient:
-        inner = self._session.call(
+    def create_training_client_from_state_with_optimizer(self, path: str) -> Future[TinkerTrainingClient]:
+        return self._training(
             "create_training_client_from_state_with_optimizer",
             lambda: self._inner.create_training_client_from_state_with_optimizer(path).result(),
         )
-        return TinkerTrainingClient(inner, self._session)
 
     def create_sampling_client(
         self, model_path: str | None = None, base_model: str | None = None
-    ) -> TinkerSamplingClient:
-        inner = self._session.call(
-            "create_sampling_client",
-            lambda: self._inner.create_sampling_client(model_path=model_path, base_model=base_model).result(),
+    ) -> Future[TinkerSamplingClient]:
+        return run_now(
+            lambda: TinkerSamplingClient(
+                self._session.call(
+                    "create_sampling_client",
+                    lambda: self._inner.create_sampling_client(
+                        model_path=model_path, base_model=base_model
+                    ).result(),
+                ),
+                self._session,
+            )
         )
-        return TinkerSamplingClient(inner, self._session)
+
+    def close(self, status: str = "success", detail: str | None = None) -> None:
+        """Finish the Tinker session (bounded, never raising: a run's outcome is already decided)."""
+        with contextlib.suppress(Exception):
+            self._session.call("close", lambda: self._inner.close(status, detail=detail).result())
 
 
 # -- the resource ----------------------------------------------------------------------------------------

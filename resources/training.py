@@ -7,8 +7,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from kitchen.contract import ServiceClient
 from kitchen.manifests import BaseModelManifest
-from resources.contract import ServiceClient
 
 
 class BackendUnavailableError(RuntimeError):

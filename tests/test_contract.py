@@ -1,6 +1,6 @@
 """The training-client contract, run against every backend: the local engine always, Tinker when it answers.
 
-Workflow code is written once against ``resources.contract``; these tests pin what it relies on, so a
+Workflow code is written once against ``kitchen.contract``; these tests pin what it relies on, so a
 backend that passes them can replace another. They use raw token ids (valid in any vocabulary over 300),
 so no tokenizer is loaded. The Tinker leg runs when ``TINKER_API_KEY`` is set and the service answers a
 probe within ``KITCHEN_TINKER_PROBE_TIMEOUT_S`` (default 5 s); ``KITCHEN_TINKER_TEST_MODEL`` picks the
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from tinker import types
 
-from resources.contract import SamplingClient, ServiceClient, TrainingClient
+from kitchen.contract import SamplingClient, ServiceClient, TrainingClient
 
 LR = 1e-2
 RANK = 4
@@ -110,7 +110,7 @@ def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
 
 
 def _new_client(backend: Backend) -> TrainingClient:
-    return backend.service.create_lora_training_client(backend.base_model, rank=RANK, seed=0)
+    return backend.service.create_lora_training_client(backend.base_model, rank=RANK, seed=0).result()
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +120,12 @@ def trained(backend: Backend) -> tuple[TrainingClient, SamplingClient]:
     _step(client)
     _step(client)
     path = client.save_weights_for_sampler("contract-two-steps").result().path
-    return client, client.create_sampling_client(path)
+    return client, client.create_sampling_client(path).result()
 
 
 @pytest.fixture(scope="module")
 def base_sampler(backend: Backend) -> SamplingClient:
-    return backend.service.create_sampling_client(base_model=backend.base_model)
+    return backend.service.create_sampling_client(base_model=backend.base_model).result()
 
 
 # -- types ---------------------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def test_types_in_and_out(backend: Backend) -> None:
     assert isinstance(sampler_path, types.SaveWeightsForSamplerResponse)
     assert sampler_path.path.startswith(backend.uri_scheme)
 
-    sampler = client.create_sampling_client(sampler_path.path)
+    sampler = client.create_sampling_client(sampler_path.path).result()
     assert isinstance(sampler, SamplingClient)
     prompt = types.ModelInput.from_ints(_tokens(6, 1))
     response = sampler.sample(prompt, 2, types.SamplingParams(max_tokens=3, temperature=1.0, seed=1)).result()
@@ -201,7 +201,7 @@ def test_optimizer_state_survives_save_and_load(backend: Backend) -> None:
     _step(original)
     expected = _logprobs(original)
 
-    resumed = backend.service.create_training_client_from_state_with_optimizer(path)
+    resumed = backend.service.create_training_client_from_state_with_optimizer(path).result()
     _step(resumed)
     assert _max_diff(expected, _logprobs(resumed)) <= backend.same_weights_atol
 

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from tinker import types
 
+from kitchen.contract import SamplingClient
 from kitchen.data import builtin_dataset, datum_from_tokens, prompt_and_answer, render_weighted_tokens
 from kitchen.eval import harness
 from kitchen.eval.gate import GateSettings, gate_verdict
 from kitchen.eval.heldout import GenerationExample, generate, normalize_answer, token_prf
 from kitchen.eval.lm import KitchenLM
-from resources.contract import SamplingClient
 
 
 def arithmetic_rows(n: int) -> list[dict[str, Any]]:
@@ -168,7 +168,7 @@ def test_report_metrics_match_hand_computed_values(tiny_model_dir: Path, tmp_pat
 def test_report_numbers_match_direct_recomputation(
     service: Any, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    client = service.create_sampling_client(base_model=str(tiny_model_dir))
+    client = service.create_sampling_client(base_model=str(tiny_model_dir)).result()
     rows = arithmetic_rows(6)
     result = evaluate(client, tmp_path, rows)
     tokenizer = client.get_tokenizer()
@@ -204,7 +204,7 @@ def test_a_model_trained_with_learning_rate_0_fails_the_gate(
     service: Any, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     rows = arithmetic_rows(4)
-    trainer = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0)
+    trainer = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0).result()
     tokenizer = trainer.get_tokenizer()
     datums = [
         datum_from_tokens(*render_weighted_tokens(r["messages"], tokenizer, "all_assistant")) for r in rows
@@ -213,8 +213,12 @@ def test_a_model_trained_with_learning_rate_0_fails_the_gate(
     trainer.optim_step(types.AdamParams(learning_rate=0.0)).result()
     sampler = trainer.save_weights_for_sampler("lr0").result().path
 
-    base = evaluate(service.create_sampling_client(base_model=str(tiny_model_dir)), tmp_path / "base", rows)
-    trained = evaluate(service.create_sampling_client(model_path=sampler), tmp_path / "trained", rows)
+    base = evaluate(
+        service.create_sampling_client(base_model=str(tiny_model_dir)).result(), tmp_path / "base", rows
+    )
+    trained = evaluate(
+        service.create_sampling_client(model_path=sampler).result(), tmp_path / "trained", rows
+    )
 
     assert trained.metrics == base.metrics
     for metric in ("nll", "exact_match"):

@@ -10,8 +10,8 @@ import pytest
 from lm_eval.api.instance import Instance
 from tinker import types
 
+from kitchen.contract import SamplingClient
 from kitchen.eval.lm import KitchenLM
-from resources.contract import SamplingClient
 
 
 class RecordingClient:
@@ -61,7 +61,7 @@ def engine_client(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     from resources.local_engine import LocalServiceClient
 
     service = LocalServiceClient(root=tmp_path_factory.mktemp("engine"))
-    return service.create_sampling_client(base_model=str(tiny_model_dir))
+    return service.create_sampling_client(base_model=str(tiny_model_dir)).result()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from tinker import types
 
-from resources.contract import SamplingClient, ServiceClient, TrainingClient
+from kitchen.contract import SamplingClient, ServiceClient, TrainingClient
 from resources.local_engine import LocalServiceClient, LocalTrainingClient, path_from_uri, uri_for_path
 from resources.local_engine import checkpoints as checkpoints_module
 from resources.local_engine.checkpoints import CheckpointError
@@ -84,9 +84,9 @@ def assert_tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 def test_clients_satisfy_the_contract(service: LocalServiceClient, tiny_model_dir: Path) -> None:
     assert isinstance(service, ServiceClient)
-    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0)
+    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0).result()
     assert isinstance(client, TrainingClient)
-    sampler = service.create_sampling_client(base_model=str(tiny_model_dir))
+    sampler = service.create_sampling_client(base_model=str(tiny_model_dir)).result()
     assert isinstance(sampler, SamplingClient)
     assert client.get_tokenizer().eos_token == "<|im_end|>"
     assert sampler.get_tokenizer() is client.get_tokenizer()
@@ -100,12 +100,12 @@ def test_bad_base_model_or_rank_is_refused(
     service: LocalServiceClient, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        service.create_lora_training_client(str(tmp_path / "nowhere"))
+        service.create_lora_training_client(str(tmp_path / "nowhere")).result()
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a Hugging Face model directory"):
-        service.create_lora_training_client(str(tmp_path / "empty"))
+        service.create_lora_training_client(str(tmp_path / "empty")).result()
     with pytest.raises(ValueError, match="rank"):
-        service.create_lora_training_client(str(tiny_model_dir), rank=0)
+        service.create_lora_training_client(str(tiny_model_dir), rank=0).result()
 
 
 # -- forward / forward_backward / optim_step -----------------------------------------------------
@@ -114,7 +114,7 @@ def test_bad_base_model_or_rank_is_refused(
 def test_loss_falls_on_a_fixed_batch(
     service: LocalServiceClient, tiny_model_dir: Path, tokenizer: Any
 ) -> None:
-    client = service.create_lora_training_client(str(tiny_model_dir), rank=8, seed=0)
+    client = service.create_lora_training_client(str(tiny_model_dir), rank=8, seed=0).result()
     losses = train(client, make_batch(tokenizer), steps=20)
     # The tiny random model's frozen final norm and tied embeddings cap how far LoRA can move the logits,
     # so the fall is modest, but it is steady.
@@ -125,7 +125,7 @@ def test_loss_falls_on_a_fixed_batch(
 def test_reported_loss_is_weighted_nll_of_returned_logprobs(
     service: LocalServiceClient, tiny_model_dir: Path, tokenizer: Any
 ) -> None:
-    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0)
+    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0).result()
     data = [make_datum(tokenizer, text) for text in TEXTS[:2]]
     n = len(tokenizer.encode(TEXTS[2])) - 1
     data.append(make_datum(tokenizer, TEXTS[2], [0.0] * 3 + [0.25 * (i % 4) for i in range(n - 3)]))
@@ -145,7 +145,7 @@ def test_reported_loss_is_weighted_nll_of_returned_logprobs(
 def test_forward_matches_forward_backward_and_leaves_no_gradient(
     service: LocalServiceClient, tiny_model_dir: Path, tokenizer: Any
 ) -> None:
-    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0)
+    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0).result()
     data = make_batch(tokenizer)
     fwd = client.forward(data, "cross_entropy")
     step_after_forward = client.optim_step(adam())
@@ -160,7 +160,7 @@ def test_forward_matches_forward_backward_and_leaves_no_gradient(
 def test_zero_weights_give_zero_loss_and_zero_gradient(
     service: LocalServiceClient, tiny_model_dir: Path, tokenizer: Any
 ) -> None:
-    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0)
+    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0).result()
     data = [make_datum(tokenizer, text, [0.0] * (len(tokenizer.encode(text)) - 1)) for text in TEXTS]
     before = adapter_tensors(client, "before")
     out = client.forward_backward(data, "cross_entropy").result()
@@ -173,8 +173,10 @@ def test_micro_batches_give_the_same_loss_and_gradient(tiny_model_dir: Path, tok
     data = make_batch(tokenizer)
     results = []
     for budget in (8192, 12):  # 12 tokens: every datum in a micro-batch of its own
-        client = LocalServiceClient(max_batch_tokens=budget).create_lora_training_client(
-            str(tiny_model_dir), rank=4, seed=0
+        client = (
+            LocalServiceClient(max_batch_tokens=budget)
+            .create_lora_training_client(str(tiny_model_dir), rank=4, seed=0)
+            .result()
         )
         loss = client.forward_backward(data, "cross_entropy").result().metrics["loss:sum"]
         norm = client.optim_step(adam()).result().metrics["grad_norm"]  # type: ignore[index]
@@ -185,7 +187,7 @@ def test_micro_batches_give_the_same_loss_and_gradient(tiny_model_dir: Path, tok
 def test_unknown_loss_fn_or_config_is_refused(
     service: LocalServiceClient, tiny_model_dir: Path, tokenizer: Any
 ) -> None:
-    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0)
+    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0).result()
     with pytest.raises(ValueError, match=r"importance_sampling.*cross_entropy"):
         client.forward_backward(make_batch(tokenizer), "importance_sampling")
     with pytest.raises(ValueError, match="clip"):
@@ -207,7 +209,7 @@ def test_unknown_loss_fn_or_config_is_refused(
 def test_bad_datum_is_refused_naming_its_index(
     service: LocalServiceClient, tiny_model_dir: Path, tokenizer: Any, edit: Any, message: str
 ) -> None:
-    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0)
+    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0).result()
     data = make_batch(tokenizer)
     data[1] = types.Datum(model_input=data[1].model_input, loss_fn_inputs=edit(data[1].loss_fn_inputs))
     with pytest.raises(ValueError, match=message):
@@ -220,8 +222,8 @@ def test_optim_step_params_and_clipping(
     service: LocalServiceClient, tiny_model_dir: Path, tokenizer: Any
 ) -> None:
     data = make_batch(tokenizer)
-    a = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=3)
-    b = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=3)
+    a = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=3).result()
+    b = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=3).result()
     a.forward_backward(data, "cross_entropy")
     b.forward_backward(data, "cross_entropy")
     norm_a = a.optim_step(adam()).result().metrics["grad_norm"]  # type: ignore[index]
@@ -245,7 +247,9 @@ def test_same_seed_same_init_and_trajectory(
     service: LocalServiceClient, tiny_model_dir: Path, tokenizer: Any
 ) -> None:
     data = make_batch(tokenizer)
-    a, b, c = (service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=s) for s in (7, 7, 8))
+    a, b, c = (
+        service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=s).result() for s in (7, 7, 8)
+    )
     assert_tensors_equal(adapter_tensors(a), adapter_tensors(b))
     assert any(
         not torch.equal(x, y)
@@ -267,13 +271,13 @@ def test_resume_from_state_is_bit_for_bit(
     service: LocalServiceClient, tiny_model_dir: Path, tokenizer: Any
 ) -> None:
     data = make_batch(tokenizer)
-    straight = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=11)
+    straight = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=11).result()
     straight_losses = train(straight, data, steps=4)
 
-    first = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=11)
+    first = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=11).result()
     losses = train(first, data, steps=2)
     saved = first.save_state("half").result().path
-    resumed = service.create_training_client_from_state_with_optimizer(saved)
+    resumed = service.create_training_client_from_state_with_optimizer(saved).result()
     assert isinstance(resumed, LocalTrainingClient)
     assert resumed.session_id != first.session_id
     losses += train(resumed, data, steps=2)
@@ -290,15 +294,15 @@ def test_load_state_restores_weights_but_not_optimizer(
     service: LocalServiceClient, tiny_model_dir: Path, tokenizer: Any
 ) -> None:
     data = make_batch(tokenizer)
-    trained = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=1)
+    trained = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=1).result()
     train(trained, data, steps=3)
     saved = trained.save_state("s").result().path
-    fresh = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=2)
+    fresh = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=2).result()
     response = fresh.load_state(saved).result()
     assert response.path == saved
     assert_tensors_equal(adapter_tensors(fresh), adapter_tensors(trained))
     # Same weights, but fresh Adam moments: the next step moves differently than a true resume.
-    resumed = service.create_training_client_from_state_with_optimizer(saved)
+    resumed = service.create_training_client_from_state_with_optimizer(saved).result()
     train(fresh, data, steps=1)
     train(resumed, data, steps=1)
     assert any(
@@ -310,7 +314,7 @@ def test_load_state_restores_weights_but_not_optimizer(
 def test_checkpoint_layout_and_atomic_overwrite(
     service: LocalServiceClient, tiny_model_dir: Path, tokenizer: Any
 ) -> None:
-    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0)
+    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0).result()
     uri = client.save_state("ckpt").result().path
     directory = path_from_uri(uri)
     assert uri.startswith("file:///") and uri == uri_for_path(directory)
@@ -347,7 +351,7 @@ def test_checkpoint_layout_and_atomic_overwrite(
 def test_failed_save_leaves_no_directory(
     service: LocalServiceClient, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0)
+    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0).result()
     kept = path_from_uri(client.save_state("kept").result().path)
     kept_manifest = (kept / "kitchen_state.json").read_text()
 
@@ -365,9 +369,9 @@ def test_failed_save_leaves_no_directory(
 
 
 def test_missing_or_corrupt_checkpoint_is_refused(service: LocalServiceClient, tiny_model_dir: Path) -> None:
-    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0)
+    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0).result()
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        service.create_training_client_from_state_with_optimizer(uri_for_path(service.root / "nope"))
+        service.create_training_client_from_state_with_optimizer(uri_for_path(service.root / "nope")).result()
     with pytest.raises(ValueError, match="file:// URIs"):
         client.load_state("tinker://run/weights/x")
 
@@ -378,12 +382,12 @@ def test_missing_or_corrupt_checkpoint_is_refused(service: LocalServiceClient, t
     with pytest.raises(CheckpointError, match="corrupt"):
         client.load_state_with_optimizer(uri_for_path(good)).result()
     with pytest.raises(CheckpointError, match="corrupt"):
-        service.create_training_client_from_state_with_optimizer(uri_for_path(good))
+        service.create_training_client_from_state_with_optimizer(uri_for_path(good)).result()
 
     sampler = client.save_weights_for_sampler("s").result().path
     with pytest.raises(CheckpointError, match=r"kitchen_sampler\.json"):
         client.load_state(sampler).result()
-    other = service.create_lora_training_client(str(tiny_model_dir), rank=8, seed=0)
+    other = service.create_lora_training_client(str(tiny_model_dir), rank=8, seed=0).result()
     with pytest.raises(CheckpointError, match="rank-4"):
         other.load_state(client.save_state("r4").result().path).result()
 
@@ -395,10 +399,10 @@ def test_trained_sampler_differs_from_base_and_agrees_with_forward(
     service: LocalServiceClient, tiny_model_dir: Path, tokenizer: Any
 ) -> None:
     data = make_batch(tokenizer)
-    client = service.create_lora_training_client(str(tiny_model_dir), rank=8, seed=0)
+    client = service.create_lora_training_client(str(tiny_model_dir), rank=8, seed=0).result()
     train(client, data, steps=8, lr=5e-2)
-    sampler = client.create_sampling_client(client.save_weights_for_sampler("trained").result().path)
-    base = service.create_sampling_client(base_model=str(tiny_model_dir))
+    sampler = client.create_sampling_client(client.save_weights_for_sampler("trained").result().path).result()
+    base = service.create_sampling_client(base_model=str(tiny_model_dir)).result()
 
     forward = client.forward(data, "cross_entropy").result()
     for datum, record in zip(data, forward.loss_fn_outputs, strict=True):
@@ -422,8 +426,8 @@ def test_base_compute_logprobs_matches_untrained_forward(
 ) -> None:
     """A fresh adapter's B is zero, so training's forward is exactly the base model's."""
     data = make_batch(tokenizer)
-    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0)
-    base = service.create_sampling_client(base_model=str(tiny_model_dir))
+    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0).result()
+    base = service.create_sampling_client(base_model=str(tiny_model_dir)).result()
     forward = client.forward(data, "cross_entropy").result()
     futures = [
         base.compute_logprobs(
@@ -443,12 +447,12 @@ def test_sampling_client_from_service_checks_its_arguments(
     service: LocalServiceClient, tiny_model_dir: Path
 ) -> None:
     with pytest.raises(ValueError, match="model_path or base_model"):
-        service.create_sampling_client()
-    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0)
+        service.create_sampling_client().result()
+    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0).result()
     with pytest.raises(CheckpointError, match=r"kitchen_state\.json"):
-        service.create_sampling_client(model_path=client.save_state("state").result().path)
+        service.create_sampling_client(model_path=client.save_state("state").result().path).result()
     sampler_path = client.save_weights_for_sampler("s").result().path
     assert isinstance(
-        service.create_sampling_client(model_path=sampler_path, base_model=str(tiny_model_dir)),
+        service.create_sampling_client(model_path=sampler_path, base_model=str(tiny_model_dir)).result(),
         SamplingClient,
     )

@@ -20,7 +20,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> LocalServiceClient:
 @pytest.fixture
 def sampler(engine: LocalServiceClient, tiny_model_dir: Path) -> LocalSamplingClient:
     """A fresh client per test (its own queue and batch log) over the process-wide cached base model."""
-    return engine.create_sampling_client(base_model=str(tiny_model_dir))
+    return engine.create_sampling_client(base_model=str(tiny_model_dir)).result()
 
 
 def prompt_of(sampler: LocalSamplingClient, text: str) -> types.ModelInput:
@@ -137,7 +137,7 @@ def test_batched_equals_unbatched(engine: LocalServiceClient, tiny_model_dir: Pa
     greedy = types.SamplingParams(max_tokens=10, temperature=0.0, stop=[])
     seeded = types.SamplingParams(max_tokens=10, temperature=1.0, seed=21, stop=[])
 
-    alone = engine.create_sampling_client(base_model=str(tiny_model_dir))
+    alone = engine.create_sampling_client(base_model=str(tiny_model_dir)).result()
     expected = [
         (alone.sample(prompt_of(alone, text), 1, params).result().sequences[0], params)
         for text in PROMPTS
@@ -145,7 +145,7 @@ def test_batched_equals_unbatched(engine: LocalServiceClient, tiny_model_dir: Pa
     ]
     assert max(alone.batch_sizes) == 1
 
-    together = engine.create_sampling_client(base_model=str(tiny_model_dir))
+    together = engine.create_sampling_client(base_model=str(tiny_model_dir)).result()
     futures = [
         together.sample(prompt_of(together, text), 1, params)
         for text in PROMPTS
@@ -162,8 +162,10 @@ def test_batched_equals_unbatched(engine: LocalServiceClient, tiny_model_dir: Pa
 
 
 def test_batches_respect_max_sampling_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
-    client = LocalServiceClient(root=tmp_path, max_sampling_batch=3).create_sampling_client(
-        base_model=str(tiny_model_dir)
+    client = (
+        LocalServiceClient(root=tmp_path, max_sampling_batch=3)
+        .create_sampling_client(base_model=str(tiny_model_dir))
+        .result()
     )
     params = types.SamplingParams(max_tokens=3, temperature=0.0)
     futures = [client.sample(prompt_of(client, text), 2, params) for text in PROMPTS]

@@ -85,7 +85,7 @@ def test_job_registers_a_champion_that_cli_shows_and_that_loads_back(
     from tinker import types
 
     loaded = load_sampling_client(service, registry, f"models:/{NAME}@champion")
-    original = service.create_sampling_client(model_path=weights.sampler_path)
+    original = service.create_sampling_client(model_path=weights.sampler_path).result()
     assert loaded.compute_logprobs(types.ModelInput.from_ints(prompt)).result() == (
         original.compute_logprobs(types.ModelInput.from_ints(prompt)).result()
     )

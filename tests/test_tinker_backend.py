@@ -25,6 +25,7 @@ import tinker
 
 from kitchen.models.base import ModelResolutionError
 from kitchen_assets.definitions import build_definitions
+from resources.futures import resolved
 from resources.tinker_backend import (
     BoundedFuture,
     TinkerBackend,
@@ -260,10 +261,10 @@ class _FakeSdkService:
 def test_service_client_resolves_client_futures_and_bounds_them() -> None:
     sdk = _FakeSdkService()
     service = TinkerServiceClient(sdk, _Session(request_timeout_s=0.3, secret=CANARY))
-    assert service.create_lora_training_client("m", rank=4, seed=0)._inner is sdk.training
+    assert service.create_lora_training_client("m", rank=4, seed=0).result()._inner is sdk.training
     started = time.perf_counter()
     with pytest.raises(TinkerRequestTimeout, match="create_training_client_from_state_with_optimizer"):
-        service.create_training_client_from_state_with_optimizer("tinker://run/weights/step-2")
+        service.create_training_client_from_state_with_optimizer("tinker://run/weights/step-2").result()
     assert time.perf_counter() - started < 1.5
 
 
@@ -418,7 +419,7 @@ class _InstantTraining:
 
 class _InstantService:
     def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None) -> Any:
-        return _InstantTraining()
+        return resolved(_InstantTraining())
 
 
 def test_the_loop_overlaps_requests_and_records_every_step(tmp_path: Path) -> None:
@@ -486,11 +487,15 @@ class _FlakyService:
         _FLAKY["calls"].append(0)
 
     def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None) -> Any:
-        return _FlakyTraining(self._inner.create_lora_training_client(base_model, rank=rank, seed=seed))
+        return resolved(
+            _FlakyTraining(self._inner.create_lora_training_client(base_model, rank=rank, seed=seed).result())
+        )
 
     def create_training_client_from_state_with_optimizer(self, path: str) -> Any:
         _FLAKY["resumed_from"].append(path)
-        return _FlakyTraining(self._inner.create_training_client_from_state_with_optimizer(path))
+        return resolved(
+            _FlakyTraining(self._inner.create_training_client_from_state_with_optimizer(path).result())
+        )
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> Any:
         return self._inner.create_sampling_client(model_path=model_path, base_model=base_model)

@@ -12,6 +12,7 @@ from tinker import types
 from kitchen.training.batching import make_batches
 from kitchen.training.loop import Batch, Ledger, TrainingSpec, run_training
 from kitchen.training.schedule import learning_rate_at, recommended_lora_lr
+from resources.futures import resolved
 from resources.local_engine import LocalServiceClient
 
 
@@ -155,7 +156,7 @@ def test_interrupted_run_resumes_from_last_checkpoint_and_matches(
             return Client()
 
         def create_lora_training_client(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            return self._wrap(self.service.create_lora_training_client(*args, **kwargs))
+            return resolved(self._wrap(self.service.create_lora_training_client(*args, **kwargs).result()))
 
         def create_training_client_from_state_with_optimizer(self, path):  # type: ignore[no-untyped-def]
             return self.service.create_training_client_from_state_with_optimizer(path)

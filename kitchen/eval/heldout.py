@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from tinker import types
 
-from resources.contract import SamplingClient
+from kitchen.contract import SamplingClient
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from tinker import types
 
-from resources.contract import SamplingClient
+from kitchen.contract import SamplingClient
 
 # lm-eval's default generation budget (``HFLM.max_gen_toks``) when a task names none.
 DEFAULT_MAX_GEN_TOKS = 256

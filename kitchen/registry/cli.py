@@ -179,7 +179,7 @@ def _sample(registry: ModelRegistry, ref: ModelRef, prompt: str, max_tokens: int
     registry.preflight()
     path, view = sampler_path(registry, ref)
     service = training_backend(backend or view.tags.get("kitchen.backend")).service_client()
-    client = service.create_sampling_client(model_path=path)
+    client = service.create_sampling_client(model_path=path).result()
     tokenizer = client.get_tokenizer()
     row = {
         "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}],

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from kitchen.contract import SamplingClient, ServiceClient
 from kitchen.hashing import hash_file, hash_json
 from kitchen.registry.lineage import ADAPTER_FILES
 from kitchen.registry.names import ModelRef
 from kitchen.registry.register import DESCRIPTOR
 from kitchen.registry.store import WEIGHTS_HASH_TAG, ModelRegistry, RegistryError, VersionView
-from resources.contract import SamplingClient, ServiceClient
 
 
 def sampler_path(registry: ModelRegistry, ref: str | ModelRef) -> tuple[str, VersionView]:
@@ -49,4 +49,4 @@ def load_sampling_client(
 ) -> SamplingClient:
     """A sampling client on the registered weights ``ref`` names (``NAME@champion``, ``NAME/3``, ...)."""
     path, _ = sampler_path(registry, ref)
-    return service.create_sampling_client(model_path=path)
+    return service.create_sampling_client(model_path=path).result()

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 from tinker import types
 
+from kitchen.contract import ResultFuture, ServiceClient, TrainingClient
 from kitchen.training.schedule import LRSchedule, learning_rate_at
-from resources.contract import ResultFuture, ServiceClient, TrainingClient
 
 LEDGER_FILE = "ledger.json"
 METRICS_FILE = "metrics.jsonl"
@@ -224,14 +224,16 @@ def run_training(
     start_step, client, resumed_from = 0, None, None
     latest = ledger.latest_state() if resume and not ledger.complete else None
     if latest is not None:
-        client = service.create_training_client_from_state_with_optimizer(latest.path)
+        client = service.create_training_client_from_state_with_optimizer(latest.path).result()
         start_step, resumed_from = latest.step, latest.path
         history = _read_metrics(metrics_path)[:start_step]
         ledger.checkpoints = [c for c in ledger.checkpoints if c.step <= start_step]
     else:
         ledger.reset()
         history = []
-        client = service.create_lora_training_client(spec.base_model, rank=spec.lora_rank, seed=spec.seed)
+        client = service.create_lora_training_client(
+            spec.base_model, rank=spec.lora_rank, seed=spec.seed
+        ).result()
     _rewrite_metrics(metrics_path, history)
 
     metrics = _drive(client, spec, batches, start_step, ledger, observer, metrics_path, history)

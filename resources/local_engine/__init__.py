@@ -1,7 +1,7 @@
 """Kitchen's local engine: the Tinker client contract on PyTorch + PEFT LoRA, in this process.
 
 ``LocalServiceClient`` stands in for ``tinker.ServiceClient``; the training and sampling clients it
-makes honour ``resources.contract`` with Tinker's semantics (summed cross-entropy, AdamW steps,
+makes honour ``kitchen.contract`` with Tinker's semantics (summed cross-entropy, AdamW steps,
 stop sequences kept in sampled tokens), so workflow code runs unchanged on either backend.
 """
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 
 from kitchen.home import home_dir
+from resources.futures import run_now
 from resources.local_engine.checkpoints import read_state_info
 from resources.local_engine.runtime import EngineRuntime, check_model_dir, resolve_device, resolve_dtype
 from resources.local_engine.sampling import LocalSamplingClient, open_sampling_client
@@ -57,21 +59,26 @@ class LocalServiceClient:
 
     def create_lora_training_client(
         self, base_model: str, rank: int = 32, seed: int | None = None
-    ) -> LocalTrainingClient:
-        return LocalTrainingClient(self.runtime, check_model_dir(base_model), rank, seed)
+    ) -> Future[LocalTrainingClient]:
+        return run_now(lambda: LocalTrainingClient(self.runtime, check_model_dir(base_model), rank, seed))
 
-    def create_training_client_from_state(self, path: str) -> LocalTrainingClient:
+    def create_training_client_from_state(self, path: str) -> Future[LocalTrainingClient]:
         """A new session holding a checkpoint's weights, with a fresh optimizer."""
-        return self._from_state(path, with_optimizer=False)
+        return run_now(lambda: self._from_state(path, with_optimizer=False))
 
-    def create_training_client_from_state_with_optimizer(self, path: str) -> LocalTrainingClient:
+    def create_training_client_from_state_with_optimizer(self, path: str) -> Future[LocalTrainingClient]:
         """A new session resuming a checkpoint exactly: weights, optimizer, step and RNG state."""
-        return self._from_state(path, with_optimizer=True)
+        return run_now(lambda: self._from_state(path, with_optimizer=True))
 
     def create_sampling_client(
         self, model_path: str | None = None, base_model: str | None = None
-    ) -> LocalSamplingClient:
-        return open_sampling_client(self.runtime, model_path=model_path, base_model=base_model)
+    ) -> Future[LocalSamplingClient]:
+        return run_now(
+            lambda: open_sampling_client(self.runtime, model_path=model_path, base_model=base_model)
+        )
+
+    def close(self, status: str = "success", detail: str | None = None) -> None:
+        """Nothing to release: clients free their threads when garbage-collected."""
 
     def _from_state(self, path: str, *, with_optimizer: bool) -> LocalTrainingClient:
         info = read_state_info(path_from_uri(path))

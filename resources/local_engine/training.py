@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tinker import types
 
+from resources.futures import run_now
 from resources.local_engine.checkpoints import (
     CheckpointError,
     SamplerInfo,
@@ -156,8 +157,8 @@ class LocalTrainingClient:
         check_checkpoint_name(name)
         return self._executor.submit(self._save_sampler, name)
 
-    def create_sampling_client(self, model_path: str) -> LocalSamplingClient:
-        return open_sampling_client(self._runtime, model_path=model_path)
+    def create_sampling_client(self, model_path: str) -> Future[LocalSamplingClient]:
+        return run_now(lambda: open_sampling_client(self._runtime, model_path=model_path))
 
     def get_tokenizer(self) -> Any:
         return load_tokenizer(self.base_model)
