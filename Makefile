@@ -40,8 +40,7 @@ lint: setup
 	$(BIN)/mypy
 
 ui: setup
-	mkdir -p $(DAGSTER_HOME)
-	test -f $(DAGSTER_HOME)/dagster.yaml || cp scripts/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/python -m kitchen.home  # creates $(DAGSTER_HOME) with Kitchen's instance settings
 	$(BIN)/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(UI_PORT)
 
 bench: setup

@@ -24,19 +24,20 @@ import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from jobs.sensors import TRIGGER_TAG, env_number, env_status
+from kitchen.workflows import Workflow, split_run_config
+from kitchen.workflows.config import flatten_run_config
+from kitchen_assets.factory import asset_key, op_configs
 
 WEIGHTS_RUN_TAG = "kitchen/weights_run"
-# Sections of a run config that are not per-op config.
-_NOT_OP_CONFIG = frozenset({"ops", "resources", "loggers", "execution"})
 
 
-def evaluation_job(workflow: str) -> UnresolvedAssetJobDefinition:
+def evaluation_job(workflow: Workflow) -> UnresolvedAssetJobDefinition:
     """The eval report and everything downstream of it; asset jobs include the assets' checks."""
     return dg.define_asset_job(
-        name=f"{workflow}_evaluation_job",
-        selection=dg.AssetSelection.assets(dg.AssetKey([workflow, "eval_report"])).downstream(),
+        name=f"{workflow.name}_evaluation_job",
+        selection=dg.AssetSelection.assets(asset_key(workflow, "eval_report")).downstream(),
         description="Evaluate the current trained weights; the blocking quality gate decides registration.",
-        tags={"kitchen/workflow": workflow},
+        tags={"kitchen/workflow": workflow.name},
     )
 
 
@@ -52,39 +53,27 @@ def run_planned(instance: dg.DagsterInstance, run_id: str, key: dg.AssetKey) -> 
 
 
 def op_config_from_run(
-    run_config: Mapping[str, Any],
-    op_names: set[str],
-    flat_schema: type[dg.Config],
-    op_configs: Mapping[str, type[dg.Config]],
+    run_config: Mapping[str, Any], op_names: set[str], workflow: Workflow
 ) -> dict[str, Any]:
     """The config of ``op_names`` in a stored run config: per-op (``ops:``, from asset jobs and
     ``dagster asset materialize``) or the workflow job's flat form, validated and split by its schema."""
     ops = run_config.get("ops")
     if isinstance(ops, Mapping):
         return {op: dict(section) for op, section in ops.items() if op in op_names}
-    flat = flat_schema(**{k: v for k, v in run_config.items() if k not in _NOT_OP_CONFIG})
-    values = flat.model_dump()
+    flat = workflow.config(**flatten_run_config(run_config))
     return {
-        op: {"config": {name: values[name] for name in cls.model_fields}}
-        for op, cls in op_configs.items()
-        if op in op_names
+        op: section for op, section in split_run_config(flat, op_configs(workflow)).items() if op in op_names
     }
 
 
-def new_weights_sensor(
-    workflow: str,
-    job: UnresolvedAssetJobDefinition,
-    *,
-    flat_schema: type[dg.Config],
-    op_configs: Mapping[str, type[dg.Config]],
-) -> dg.SensorDefinition:
+def new_weights_sensor(workflow: Workflow, job: UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
     """Launch ``job`` once per ``trained_weights`` materialisation made outside a full workflow run."""
-    weights, report = dg.AssetKey([workflow, "trained_weights"]), dg.AssetKey([workflow, "eval_report"])
+    weights, report = asset_key(workflow, "trained_weights"), asset_key(workflow, "eval_report")
 
     @dg.asset_sensor(
         asset_key=weights,
         job=job,
-        name=f"{workflow}_new_weights_sensor",
+        name=f"{workflow.name}_new_weights_sensor",
         default_status=env_status("KITCHEN_NEW_WEIGHTS_SENSOR", dg.DefaultSensorStatus.RUNNING),
         minimum_interval_seconds=int(env_number("KITCHEN_NEW_WEIGHTS_INTERVAL", 30)),
         description="Evaluates trained weights made outside a full run; the gate decides registration.",
@@ -99,7 +88,7 @@ def new_weights_sensor(
         last_report = context.instance.get_latest_materialization_event(report)
         last_run = context.instance.get_run_by_id(last_report.run_id) if last_report else None
         if last_run is not None:
-            ops = op_config_from_run(last_run.run_config or {}, op_names, flat_schema, op_configs)
+            ops = op_config_from_run(last_run.run_config or {}, op_names, workflow)
             run_config = {"ops": ops} if ops else {}
             context.log.info(
                 f"evaluating with the config of run {last_run.run_id}, which made the eval report"

@@ -32,7 +32,7 @@ from dagster._utils.error import SerializableErrorInfo
 from pydantic import ValidationError
 
 from kitchen.data.revision import SourceRevision, SourceUnavailable, source_revision
-from kitchen_assets.config import DEFAULT_DATASET, SupervisedRunConfig
+from kitchen.workflows import Workflow
 
 #: Run tags the sensors write (the UI's run list filters on them).
 TRIGGER_TAG = "kitchen/trigger"
@@ -71,6 +71,16 @@ def env_number(variable: str, default: float) -> float:
 # -- retraining on dataset change -----------------------------------------------------------------
 
 
+def retrain_variable(workflow: Workflow, setting: str) -> str:
+    """The environment variable of a retraining setting: ``KITCHEN_<WORKFLOW>_RETRAIN_<SETTING>``; for
+    ``supervised`` the unprefixed ``KITCHEN_RETRAIN_<SETTING>`` is honoured too (it came first)."""
+    prefixed = f"KITCHEN_{workflow.name.upper()}_RETRAIN_{setting}"
+    legacy = f"KITCHEN_RETRAIN_{setting}"
+    if workflow.name == "supervised" and prefixed not in os.environ and legacy in os.environ:
+        return legacy
+    return prefixed
+
+
 @dataclass(frozen=True)
 class RetrainSettings:
     """What a retraining sensor watches and the run it requests (``dataset`` is set per source)."""
@@ -80,40 +90,44 @@ class RetrainSettings:
     interval_seconds: int = 300
     default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.STOPPED
     hub_timeout: float = 5.0
+    schema: type[Any] | None = None
+    """The workflow's flat config class: the run config is checked against it when the code loads."""
 
     def __post_init__(self) -> None:
         if not self.sources:
             raise ValueError("a retraining sensor needs at least one dataset source to watch")
         # The job validates again at launch; failing here shows a bad file when the code location loads.
-        SupervisedRunConfig(**self.run_config)
+        if self.schema is not None:
+            self.schema(**self.run_config)
 
     @classmethod
-    def from_env(cls) -> "RetrainSettings":
+    def from_env(cls, workflow: Workflow) -> "RetrainSettings":
+        def var(setting: str) -> str:
+            return retrain_variable(workflow, setting)
+
         run_config: dict[str, Any] = {}
-        config_file = os.environ.get("KITCHEN_RETRAIN_RUN_CONFIG", "").strip()
+        config_file = os.environ.get(var("RUN_CONFIG"), "").strip()
         if config_file:
             loaded = yaml.safe_load(Path(config_file).read_text())
             if not isinstance(loaded, dict):
-                raise ValueError(
-                    f"KITCHEN_RETRAIN_RUN_CONFIG={config_file}: expected a mapping of run config"
-                )
+                raise ValueError(f"{var('RUN_CONFIG')}={config_file}: expected a mapping of run config")
             run_config = loaded
-        listed = os.environ.get("KITCHEN_RETRAIN_SOURCES", "")
+        listed = os.environ.get(var("SOURCES"), "")
+        default_dataset = workflow.config.model_fields["dataset"].default
         sources = tuple(s.strip() for s in listed.split(",") if s.strip()) or (
-            str(run_config.get("dataset", DEFAULT_DATASET)),
+            str(run_config.get("dataset", default_dataset)),
         )
         try:
             return cls(
                 sources=sources,
                 run_config=run_config,
-                interval_seconds=int(env_number("KITCHEN_RETRAIN_INTERVAL", 300)),
-                default_status=env_status("KITCHEN_RETRAIN_SENSOR", dg.DefaultSensorStatus.STOPPED),
-                hub_timeout=env_number("KITCHEN_RETRAIN_HUB_TIMEOUT", 5.0),
+                interval_seconds=int(env_number(var("INTERVAL"), 300)),
+                default_status=env_status(var("SENSOR"), dg.DefaultSensorStatus.STOPPED),
+                hub_timeout=env_number(var("HUB_TIMEOUT"), 5.0),
+                schema=workflow.config,
             )
         except ValidationError as error:
-            raise ValueError(
-                f"KITCHEN_RETRAIN_RUN_CONFIG={config_file}: not a valid run config: {error}"
-            ) from error
+            raise ValueError(f"{var('RUN_CONFIG')}={config_file}: not a valid run config: {error}") from error
 
 
 def _short(revision: str) -> str:
@@ -140,7 +154,7 @@ def retraining_sensor(
         minimum_interval_seconds=settings.interval_seconds,
         default_status=settings.default_status,
         description=f"Retrains when a watched dataset changes: {', '.join(settings.sources)} "
-        f"(every {settings.interval_seconds}s; KITCHEN_RETRAIN_* environment variables).",
+        f"(every {settings.interval_seconds}s; KITCHEN_<WORKFLOW>_RETRAIN_* environment variables).",
     )
     def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         seen: dict[str, dict[str, Any]] = json.loads(context.cursor) if context.cursor else {}

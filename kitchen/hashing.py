@@ -36,3 +36,20 @@ def hash_tree(root: Path) -> str:
         digest.update(str(path.relative_to(root)).encode())
         digest.update(hash_file(path).encode())
     return digest.hexdigest()
+
+
+def weights_content_hash(sampler_path: str) -> str:
+    """The identity of saved weights: the adapter's bytes for a local ``file://`` path, the path itself
+    for a remote (``tinker://``) one, which names immutable weights."""
+    from urllib.parse import urlsplit
+    from urllib.request import url2pathname
+
+    parts = urlsplit(sampler_path)
+    if parts.scheme != "file":
+        return hash_json(sampler_path)
+    directory = Path(url2pathname(parts.path))
+    files = ("adapter_config.json", "adapter_model.safetensors")
+    missing = [name for name in files if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"weights {sampler_path}: {', '.join(missing)} missing in {directory}")
+    return hash_json({name: hash_file(directory / name) for name in files})

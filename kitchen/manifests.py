@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,7 +16,7 @@ class BaseModelManifest(Manifest):
     """A resolved base model: what the backend is asked for and where its tokenizer lives."""
 
     name: str = Field(description="The name the user gave (a Hub id, a path, or the packaged default).")
-    source: Literal["packaged-gguf", "hub", "local", "tinker"]
+    source: Literal["packaged-gguf", "hub", "local", "tinker", "registry"]
     backend_model: str = Field(description="What the training backend's create_lora_training_client takes.")
     path: str | None = Field(default=None, description="Local directory with config, weights, tokenizer.")
     tokenizer_path: str = Field(description="Directory (or Hub id) AutoTokenizer loads the tokenizer from.")
@@ -23,6 +24,17 @@ class BaseModelManifest(Manifest):
     revision: str | None = None
     num_parameters: int | None = None
     architecture: str | None = None
+    registered_version: str | None = Field(
+        default=None, description="models:/NAME/VERSION when the model is a registered (trained) version."
+    )
+    init_state: str | None = Field(
+        default=None,
+        description="Training state the adapter starts from (a registered model); None: a new adapter.",
+    )
+    sampler_path: str | None = Field(
+        default=None, description="Weights to sample the starting model from, when it carries an adapter."
+    )
+    lora_rank: int | None = Field(default=None, description="The starting adapter's rank, if it has one.")
 
 
 class DatasetManifest(Manifest):
@@ -125,3 +137,19 @@ class RegisteredModelManifest(Manifest):
     previous_champion: str | None
     previous_champion_value: float | None
     gate_passed: bool
+
+
+def manifest_payload(manifest: Manifest) -> dict[str, object]:
+    """The JSON form a manifest is stored in: its type name and its fields."""
+    return {"type": type(manifest).__name__, "data": manifest.model_dump(mode="json")}
+
+
+def read_manifest_file(path: str | Path) -> Manifest:
+    """A stored manifest, as the type it was written as."""
+    import json
+
+    payload = json.loads(Path(path).read_text())
+    cls = globals().get(payload.get("type", ""))
+    if not (isinstance(cls, type) and issubclass(cls, Manifest)):
+        raise ValueError(f"{path}: unknown manifest type {payload.get('type')!r}")
+    return cls.model_validate(payload["data"])

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import dagster as dg
 
-from kitchen.eval.gate import GateSettings, gate_verdict
+from kitchen.eval.gate import GateSettings, verdict_from_report
 from kitchen.manifests import EvalManifest
+from kitchen.workflows import Workflow
+from kitchen_assets.factory import asset_key
 from kitchen_assets.metadata import markdown_table
 
 
-def eval_gate_check(workflow: str) -> dg.AssetChecksDefinition:
+def eval_gate_check(workflow: Workflow) -> dg.AssetChecksDefinition:
     @dg.asset_check(
-        asset=dg.AssetKey([workflow, "eval_report"]),
+        asset=asset_key(workflow, "eval_report"),
         name="quality_gate",
         blocking=True,
         description="The trained model beats the base on the primary metric by the configured margin and "
@@ -26,7 +28,7 @@ def eval_gate_check(workflow: str) -> dg.AssetChecksDefinition:
     def quality_gate(eval_report: EvalManifest) -> dg.AssetCheckResult:
         report = json.loads(Path(eval_report.report_path).read_text())
         settings = GateSettings(**report["gate"]["settings"])
-        verdict = gate_verdict(eval_report.base, eval_report.trained, report["higher_is_better"], settings)
+        verdict = verdict_from_report(eval_report.base, eval_report.trained, eval_report.report_path)
         rows = [
             {"": name, "base": base, "trained": trained}
             for name, base, trained in (

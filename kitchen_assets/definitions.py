@@ -1,7 +1,8 @@
 """The Dagster ``Definitions`` that ``workspace.yaml``, ``dagster dev`` and the ``kitchen`` CLI load.
 
-``KITCHEN_BACKEND`` (``local`` by default) picks the training resource bound as ``training``; no asset
-code changes between backends.
+Every registered workflow (``kitchen.workflows``) contributes its asset group, job, evaluation job and
+sensors. ``KITCHEN_BACKEND`` (``local`` by default) picks the training resource bound as ``training``; no
+asset code changes between backends.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import os
 
 import dagster as dg
 
-from jobs import JOBS, kitchen_sensors
+from jobs import kitchen_automation
+from kitchen.workflows import workflows
 from kitchen_assets.io import ManifestIOManager
-from kitchen_assets.supervised import supervised_assets
+from kitchen_assets.workflows import workflow_assets
 from resources.mlflow_registry import MlflowRegistry
 from resources.training import LocalBackend, TrainingBackend
 
@@ -30,10 +32,12 @@ def training_backend(name: str | None = None) -> TrainingBackend:
 
 
 def build_definitions(backend: str | None = None) -> dg.Definitions:
+    registered = workflows()
+    automation = kitchen_automation(registered)
     return dg.Definitions(
-        assets=[*supervised_assets],
-        jobs=[*JOBS],
-        sensors=kitchen_sensors(),
+        assets=[asset for workflow in registered for asset in workflow_assets(workflow)],
+        jobs=automation.jobs,
+        sensors=automation.sensors,
         resources={
             "training": training_backend(backend),
             "registry": MlflowRegistry(),  # MLFLOW_TRACKING_URI, else the SQLite store under KITCHEN_HOME

@@ -19,15 +19,11 @@ def manifest_path(asset_key: dg.AssetKey, root: Path | None = None) -> Path:
 
 
 def read_manifest(asset_key: dg.AssetKey, root: Path | None = None) -> manifests.Manifest:
-    """Load the latest stored manifest for ``asset_key`` (also used by the CLI's summary)."""
+    """Load the latest stored manifest for ``asset_key``."""
     path = manifest_path(asset_key, root)
     if not path.is_file():
         raise FileNotFoundError(f"no manifest for asset {asset_key.to_user_string()} at {path}")
-    payload = json.loads(path.read_text())
-    cls = getattr(manifests, payload["type"], None)
-    if not (isinstance(cls, type) and issubclass(cls, manifests.Manifest)):
-        raise ValueError(f"{path}: unknown manifest type {payload['type']!r}")
-    return cls.model_validate(payload["data"])
+    return manifests.read_manifest_file(path)
 
 
 class ManifestIOManager(dg.ConfigurableIOManager):
@@ -46,9 +42,7 @@ class ManifestIOManager(dg.ConfigurableIOManager):
         path = manifest_path(context.asset_key, self._root())
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(
-            json.dumps({"type": type(obj).__name__, "data": obj.model_dump(mode="json")}, indent=2)
-        )
+        tmp.write_text(json.dumps(manifests.manifest_payload(obj), indent=2))
         os.replace(tmp, path)
         context.add_output_metadata({"manifest": dg.MetadataValue.path(str(path))})
 

@@ -1,7 +1,8 @@
 """The registered model: trained weights that got past the eval gate become a version in the MLflow registry.
 
 It depends on every upstream asset (so the graph shows, and the tags record, the whole lineage) and on
-``eval_report``, whose blocking gate check stops it in a run where the gate fails. Registering the same
+``eval_report``, whose blocking gate check stops it in a run where the gate fails; materialised alone it
+checks the gate itself and refuses weights that failed it. Registering the same
 weights again finds the existing version; the champion/challenger rule lives in ``kitchen.registry``.
 """
 
@@ -18,8 +19,8 @@ from kitchen.manifests import (
     BaseModelManifest,
     CheckpointsManifest,
     DatasetManifest,
-    DatumsManifest,
     EvalManifest,
+    Manifest,
     RegisteredModelManifest,
     WeightsManifest,
 )
@@ -30,13 +31,13 @@ from kitchen.registry import (
     derive_model_name,
     register_trained_model,
 )
-from kitchen.registry.store import is_remote
-from kitchen_assets.config import RegistryConfig
+from kitchen.registry.store import RegistryError, is_remote
+from kitchen.workflows import Workflow
+from kitchen.workflows.config import flatten_run_config
+from kitchen_assets.factory import asset_key, workflow_asset
 from kitchen_assets.metadata import markdown_table
-from kitchen_assets.telemetry import instrumented
 from resources.mlflow_registry import MlflowRegistry
 
-UPSTREAM = ("base_model", "dataset", "datums", "checkpoints", "trained_weights", "eval_report")
 # Only when the eval report states no direction for the primary metric (older reports).
 _LOWER_IS_BETTER_NAMES = frozenset({"nll", "perplexity", "loss"})
 _SECRET_KEY = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)
@@ -54,22 +55,14 @@ def primary_metric_direction(report: EvalManifest) -> tuple[bool, str]:
 
 def _run_config(context: dg.AssetExecutionContext) -> dict[str, Any]:
     """The run's config, flat (per-op sections merged); keys that look like secrets are dropped."""
-    raw = dict(context.run.run_config or {})
-    values: dict[str, Any] = {}
-    ops = raw.get("ops")
-    if isinstance(ops, dict):
-        for section in ops.values():
-            values.update((section or {}).get("config") or {})
-    else:
-        values.update({k: v for k, v in raw.items() if k not in ("resources", "loggers", "execution")})
+    values = flatten_run_config(dict(context.run.run_config or {}))
     return {k: v for k, v in sorted(values.items()) if not _SECRET_KEY.search(k)}
 
 
-def _upstream_runs(context: dg.AssetExecutionContext, workflow: str) -> dict[str, str]:
+def _upstream_runs(context: dg.AssetExecutionContext, keys: list[dg.AssetKey]) -> dict[str, str]:
     """Upstream asset key -> the Dagster run that produced the materialisation being registered."""
     runs = {}
-    for name in UPSTREAM:
-        key = dg.AssetKey([workflow, name])
+    for key in keys:
         event = context.instance.get_latest_materialization_event(key)
         runs[key.to_user_string()] = event.run_id if event is not None else ""
     return runs
@@ -113,44 +106,58 @@ def _metadata(result: RegistrationResult, registry: MlflowRegistry) -> dict[str,
     return metadata
 
 
-def registered_model_asset(workflow: str) -> dg.AssetsDefinition:
-    @dg.asset(
-        name="registered_model",
-        key_prefix=[workflow],
-        group_name=workflow,
-        kinds={"mlflow"},
-        ins={name: dg.AssetIn(key=[workflow, name]) for name in UPSTREAM},
-        description="The trained LoRA adapter as a version in the MLflow model registry, with full lineage; "
-        "alias champion when it passed the gate and beats the current champion, else challenger.",
+def upstream_kinds(workflow: Workflow) -> tuple[str, ...]:
+    """Every asset of the workflow registration depends on: the whole lineage, in graph order."""
+    return (
+        "base_model",
+        "dataset",
+        *workflow.kinds,
+        "checkpoints",
+        "trained_weights",
+        *workflow.train_outputs,
+        "eval_report",
     )
-    @instrumented
+
+
+def registered_model_asset(workflow: Workflow) -> dg.AssetsDefinition:
+    kinds = upstream_kinds(workflow)
+
+    @workflow_asset(
+        workflow,
+        "registered_model",
+        ins=kinds,
+        kinds={"mlflow"},
+        description="The trained LoRA adapter as a version in the MLflow model registry, with full lineage; "
+        "refused when the eval report failed its gate; alias champion when it beats the current champion, "
+        "else challenger.",
+    )
     def registered_model(
         context: dg.AssetExecutionContext,
-        config: RegistryConfig,
+        config: Any,
         registry: MlflowRegistry,
         base_model: BaseModelManifest,
         dataset: DatasetManifest,
-        datums: DatumsManifest,
         checkpoints: CheckpointsManifest,
         trained_weights: WeightsManifest,
         eval_report: EvalManifest,
+        **inputs: Manifest,
     ) -> RegisteredModelManifest:
         lower_is_better, direction_source = primary_metric_direction(eval_report)
         model = TrainedModel(
-            workflow=workflow,
+            workflow=workflow.name,
             base_model=base_model,
             dataset=dataset,
-            datums=datums,
             checkpoints=checkpoints,
             weights=trained_weights,
             eval_report=eval_report,
+            inputs=inputs,
             lower_is_better=lower_is_better,
         )
-        name = config.registered_model_name or derive_model_name(workflow, base_model, dataset)
+        name = config.registered_model_name or derive_model_name(workflow.name, base_model, dataset)
         provenance = Provenance(
             dagster_run_id=context.run_id,
             dagster_run_url=registry.dagster_run_url(context.run_id),
-            upstream=_upstream_runs(context, workflow),
+            upstream=_upstream_runs(context, [asset_key(workflow, kind) for kind in kinds]),
             config=_run_config(context),
         )
         store = registry.registry()
@@ -158,16 +165,19 @@ def registered_model_asset(workflow: str) -> dg.AssetsDefinition:
             f"registering {name} in {store.display_uri} "
             f"({eval_report.primary_metric} direction from {direction_source})"
         )
-        result = register_trained_model(
-            store,
-            model,
-            provenance,
-            name=name,
-            experiment_name=registry.resolved_experiment_name(),
-            run_name=config.mlflow_run_name or f"{workflow}-{context.run_id[:8]}",
-            rename_run=config.mlflow_run_name is not None,
-            log=context.log.info,
-        )
+        try:
+            result = register_trained_model(
+                store,
+                model,
+                provenance,
+                name=name,
+                experiment_name=registry.resolved_experiment_name(),
+                run_name=config.mlflow_run_name or f"{workflow.name}-{context.run_id[:8]}",
+                rename_run=config.mlflow_run_name is not None,
+                log=context.log.info,
+            )
+        except RegistryError as err:
+            raise dg.Failure(description=str(err), allow_retries=False) from err
         telemetry.emit_model_registered(result.manifest.name, result.manifest.version, result.manifest.alias)
         context.add_output_metadata(_metadata(result, registry))
         return result.manifest

@@ -1,95 +1,33 @@
-"""The training multi-asset (checkpoints + trained weights from one run), shared by every workflow.
+"""The training multi-asset of every workflow: ``checkpoints`` + ``trained_weights`` (+ the plan's own
+outputs, such as RL's rollouts) from one run of the one loop over the workflow's plan."""
 
-A workflow supplies how its datums become per-step batches and which loss the loop uses; the loop itself
-(``kitchen.training.loop``) is the same for all of them.
-"""
+from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict
+import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
-from tinker import types
 
-from kitchen.data import read_datums
-from kitchen.hashing import hash_json, hash_tree
+from kitchen.hashing import hash_json, weights_content_hash
 from kitchen.home import home_dir
-from kitchen.manifests import (
-    BaseModelManifest,
-    CheckpointRef,
-    CheckpointsManifest,
-    DatumsManifest,
-    WeightsManifest,
-)
+from kitchen.manifests import BaseModelManifest, CheckpointRef, CheckpointsManifest, Manifest, WeightsManifest
 from kitchen.telemetry.training import CompositeObserver, TelemetryObserver
-from kitchen.training.batching import make_batches
-from kitchen.training.loop import Checkpoint, StepMetrics, TrainingResult, TrainingSpec, run_training
-from kitchen.training.schedule import KNOWN_HIDDEN_SIZES, recommended_lora_lr
-from kitchen_assets.config import TrainingConfig
+from kitchen.training.loop import (
+    BaseObserver,
+    Checkpoint,
+    StepMetrics,
+    TrainingResult,
+    TrainingSpec,
+    run_training,
+)
+from kitchen.training.plan import TrainingPlan
+from kitchen.workflows import PlanContext, Workflow
+from kitchen_assets.factory import asset_ins, asset_key, with_config
 from kitchen_assets.metadata import image_markdown, line_plot
 from kitchen_assets.telemetry import instrumented
 from resources.training import TrainingBackend
-
-
-def _weights_hash(sampler_path: str) -> str:
-    """The bytes of locally saved weights; a remote (``tinker://``) path names immutable weights itself."""
-    if sampler_path.startswith("file://"):
-        return hash_tree(Path(sampler_path.removeprefix("file://")))
-    return hash_json(sampler_path)
-
-
-def _format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-class DagsterLogObserver:
-    """Progress lines in the run's event log (what the CLI shows while training)."""
-
-    def __init__(self, context: dg.AssetExecutionContext, every: int = 1) -> None:
-        self.context, self.every = context, every
-
-    def on_step(self, metrics: StepMetrics, total_steps: int) -> None:
-        if metrics.step % self.every == 0 or metrics.step == total_steps:
-            self.context.log.info(
-                f"step {metrics.step}/{total_steps} loss {metrics.loss:.4f} lr {metrics.learning_rate:.2e} "
-                f"{metrics.tokens_per_second:.0f} tok/s {metrics.step_seconds:.1f}s/step "
-                f"ETA {_format_eta(metrics.eta_seconds)}"
-            )
-
-    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
-        self.context.log.info(f"checkpoint ({checkpoint.kind}) at step {checkpoint.step}: {checkpoint.path}")
-
-    def on_epoch(self, epoch: int, step: int) -> None:
-        self.context.log.info(f"epoch {epoch + 1} done at step {step}")
-
-
-def resolve_learning_rate(config: TrainingConfig, base_model: BaseModelManifest) -> float:
-    if config.learning_rate is not None:
-        return config.learning_rate
-    hidden = None
-    if base_model.path:
-        import json
-
-        cfg_path = Path(base_model.path) / "config.json"
-        if cfg_path.is_file():
-            hidden = json.loads(cfg_path.read_text()).get("hidden_size")
-    hidden = hidden or KNOWN_HIDDEN_SIZES.get(base_model.backend_model)
-    return recommended_lora_lr(hidden, base_model.architecture)
-
-
-BatchBuilder = Callable[[list[types.Datum], TrainingConfig], list]
-
-
-def sft_batches(datums: list[types.Datum], config: TrainingConfig) -> list:
-    return make_batches(
-        datums,
-        batch_size=config.batch_size,
-        epochs=config.epochs,
-        seed=config.seed,
-        max_steps=config.max_steps,
-    )
-
 
 # A transient failure (dropped connection, timed-out request) reruns the step, and the rerun resumes from the
 # ledger's latest checkpoint; any other error fails the step at once (allow_retries=False below).
@@ -98,124 +36,195 @@ TRAIN_RETRY_POLICY = dg.RetryPolicy(
 )
 
 
-def training_multi_asset(
-    workflow: str,
-    *,
-    loss_fn: str = "cross_entropy",
-    batch_builder: BatchBuilder = sft_batches,
-    retry_policy: dg.RetryPolicy | None = TRAIN_RETRY_POLICY,
-) -> dg.AssetsDefinition:
-    @dg.multi_asset(
-        name=f"{workflow}__train",
-        group_name=workflow,
-        retry_policy=retry_policy,
-        outs={
-            "checkpoints": dg.AssetOut(
-                key=[workflow, "checkpoints"],
-                kinds={"pytorch"},
-                description="Training-state checkpoints (weights + optimizer state) written during the run.",
-            ),
-            "trained_weights": dg.AssetOut(
-                key=[workflow, "trained_weights"],
-                kinds={"pytorch"},
-                description="Final LoRA weights saved for sampling.",
-            ),
-        },
-        ins={
-            "base_model": dg.AssetIn(key=[workflow, "base_model"]),
-            "datums": dg.AssetIn(key=[workflow, "datums"]),
-        },
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0)) if math.isfinite(seconds) else 0
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class DagsterLogObserver(BaseObserver):
+    """Progress lines in the run's event log."""
+
+    def __init__(self, context: dg.AssetExecutionContext, headline: str) -> None:
+        self.context, self.headline = context, headline
+
+    def on_start(self, total_steps: int, resumed_from: Checkpoint | None) -> None:
+        if resumed_from is not None:
+            self.context.log.info(
+                f"resuming at step {resumed_from.step}/{total_steps} from checkpoint {resumed_from.path}"
+            )
+
+    def on_step(self, metrics: StepMetrics, total_steps: int) -> None:
+        extra = ""
+        if self.headline != "loss" and self.headline in metrics.metrics:
+            extra = f" {self.headline} {metrics.metrics[self.headline]:.4f}"
+        self.context.log.info(
+            f"step {metrics.step}/{total_steps} loss {metrics.loss:.4f}{extra} "
+            f"lr {metrics.learning_rate:.2e} "
+            f"{metrics.tokens_per_second:.0f} tok/s {metrics.step_seconds:.1f}s/step "
+            f"ETA {format_eta(metrics.eta_seconds)}"
+        )
+
+    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        self.context.log.info(f"checkpoint ({checkpoint.kind}) at step {checkpoint.step}: {checkpoint.path}")
+
+    def on_epoch(self, epoch: int, step: int) -> None:
+        self.context.log.info(f"epoch {epoch + 1} done at step {step}")
+
+
+def training_spec(config: Any, base_model: BaseModelManifest, learning_rate: float) -> TrainingSpec:
+    """The loop's settings from a ``train`` section; a registered starting model fixes the LoRA rank."""
+    return TrainingSpec(
+        base_model=base_model.backend_model,
+        lora_rank=base_model.lora_rank or config.lora_rank,
+        learning_rate=learning_rate,
+        lr_schedule=config.lr_schedule,
+        warmup_steps=config.warmup_steps,
+        save_every=config.save_every,
+        seed=config.seed,
+        init_state=base_model.init_state,
+        weight_decay=config.weight_decay,
+        grad_clip_norm=config.grad_clip_norm,
+        max_in_flight=config.max_in_flight,
     )
-    @instrumented
+
+
+def hyperparameters(config: Any, spec: TrainingSpec, plan: TrainingPlan) -> dict[str, float | int | str]:
+    """What the registry records as the run's hyperparameters: the effective learning rate and rank, every
+    scalar training setting, and the plan's own scalar settings (loss function, beta, group size...)."""
+    skip = {"resume", "max_in_flight", "learning_rate", "lora_rank"}
+    values: dict[str, float | int | str] = {
+        k: v for k, v in config.model_dump().items() if k not in skip and isinstance(v, int | float | str)
+    }
+    values["max_steps"] = config.max_steps or 0
+    for k, v in plan.fingerprint().items():
+        if isinstance(v, int | float | str) and not k.endswith("_hash"):
+            values.setdefault(k, v)
+    return {"learning_rate": spec.learning_rate, "lora_rank": spec.lora_rank, **values}
+
+
+def resume_key(
+    workflow: Workflow, spec: TrainingSpec, plan: TrainingPlan, base_model: BaseModelManifest, backend: str
+) -> str:
+    """Names everything that shapes the result, so only a run with the same inputs resumes."""
+    return hash_json(
+        {
+            "workflow": workflow.name,
+            "spec": spec.resume_fields(),
+            "plan": dict(plan.fingerprint()),
+            "base": base_model.content_hash,
+            "backend": backend,
+        }
+    )
+
+
+def training_asset(
+    workflow: Workflow, retry_policy: dg.RetryPolicy | None = TRAIN_RETRY_POLICY
+) -> dg.AssetsDefinition:
+    outs = {
+        "checkpoints": dg.AssetOut(
+            key=asset_key(workflow, "checkpoints"),
+            kinds={"pytorch"},
+            description="Training-state checkpoints (weights + optimizer state) written during the run.",
+        ),
+        "trained_weights": dg.AssetOut(
+            key=asset_key(workflow, "trained_weights"),
+            kinds={"pytorch"},
+            description="Final LoRA weights saved for sampling.",
+        ),
+        **{
+            kind: dg.AssetOut(key=asset_key(workflow, kind), kinds={"parquet"}, description=description)
+            for kind, description in workflow.train_outputs.items()
+        },
+    }
+
     def train(
         context: dg.AssetExecutionContext,
-        config: TrainingConfig,
+        config: Any,
         training: TrainingBackend,
         base_model: BaseModelManifest,
-        datums: DatumsManifest,
-    ):
-        train_datums = read_datums(Path(datums.train_path))
-        batches = batch_builder(train_datums, config)
-        lr = resolve_learning_rate(config, base_model)
-        spec = TrainingSpec(
-            base_model=base_model.backend_model,
-            lora_rank=config.lora_rank,
-            learning_rate=lr,
-            lr_schedule=config.lr_schedule,
-            warmup_steps=config.warmup_steps,
-            total_steps=len(batches),
-            save_every=config.save_every,
-            seed=config.seed,
-            loss_fn=loss_fn,
-            weight_decay=config.weight_decay,
-            grad_clip_norm=config.grad_clip_norm,
-            max_in_flight=config.max_in_flight,
+        **inputs: Manifest,
+    ) -> Iterator[dg.Output[Any]]:
+        learning_rate = config.learning_rate or workflow.default_learning_rate(base_model)
+        service = training.service_client()
+        plan = workflow.build_plan(
+            PlanContext(
+                config=config, base_model=base_model, inputs=inputs, service=service, log=context.log.info
+            )
         )
-        # The key names everything that shapes the result; pipelining depth does not, so changing it
-        # between attempts still resumes.
-        key = hash_json(
-            {
-                "spec": {k: v for k, v in asdict(spec).items() if k != "max_in_flight"},
-                "datums": datums.content_hash,
-                "base": base_model.content_hash,
-                "backend": training.backend_name,
-                "epochs": config.epochs,
-                "batch_size": config.batch_size,
-            }
-        )
-        run_dir = home_dir("runs", workflow, key[:16])
+        spec = training_spec(config, base_model, learning_rate)
+        key = resume_key(workflow, spec, plan, base_model, training.backend_name)
+        run_dir = home_dir("runs", workflow.name, key[:16])
+        if base_model.lora_rank and base_model.lora_rank != config.lora_rank:
+            context.log.info(
+                f"continuing the rank-{base_model.lora_rank} adapter of {base_model.registered_version} "
+                f"(--lora-rank {config.lora_rank} does not apply)"
+            )
         context.log.info(
-            f"training {len(batches)} steps on {training.backend_name} "
-            f"(batch {config.batch_size}, lr {lr:.2e}, rank {config.lora_rank}); run dir {run_dir}"
+            f"training {plan.total_steps} steps on {training.backend_name} "
+            f"(batch {config.batch_size}, lr {learning_rate:.2e}, rank {spec.lora_rank}); run dir {run_dir}"
         )
         try:
             result = run_training(
-                training.service_client(),
+                service,
                 spec,
-                batches,
+                plan,
                 run_dir,
                 key=key,
-                observer=CompositeObserver(DagsterLogObserver(context), TelemetryObserver()),
+                observer=CompositeObserver(
+                    DagsterLogObserver(context, plan.headline), TelemetryObserver(plan.headline)
+                ),
                 resume=config.resume,
             )
         except Exception as err:
             if training.is_transient(err):
                 raise
             raise dg.Failure(description=f"{type(err).__name__}: {err}", allow_retries=False) from err
-        hyper = {
-            "learning_rate": lr,
-            "lr_schedule": config.lr_schedule,
-            "warmup_steps": config.warmup_steps,
-            "epochs": config.epochs,
-            "batch_size": config.batch_size,
-            "lora_rank": config.lora_rank,
-            "max_steps": config.max_steps or 0,
-            "seed": config.seed,
-            "loss_fn": loss_fn,
-        }
-        yield from _outputs(workflow, result, spec, run_dir, training.backend_name, hyper, config)
+        finally:
+            service.close()
+        yield from _outputs(
+            workflow,
+            result,
+            spec,
+            run_dir,
+            training.backend_name,
+            hyperparameters(config, spec, plan),
+            config,
+        )
+        for kind, extra in plan.outputs().items():
+            markdown = {k: dg.MetadataValue.md(v) for k, v in extra.markdown.items()}
+            yield dg.Output(extra.manifest, output_name=kind, metadata={**extra.metadata, **markdown})
 
-    return train
+    fn = with_config(train, workflow, "train")
+    return dg.multi_asset(
+        name=f"{workflow.name}__train",
+        group_name=workflow.name,
+        retry_policy=retry_policy,
+        outs=outs,
+        ins=asset_ins(workflow, ("base_model", *workflow.train_inputs)),
+    )(instrumented(fn))
 
 
 def _outputs(
-    workflow: str,
+    workflow: Workflow,
     result: TrainingResult,
     spec: TrainingSpec,
     run_dir: Path,
     backend: str,
     hyper: dict[str, float | int | str],
-    config: TrainingConfig,
-):
+    config: Any,
+) -> Iterator[dg.Output[Any]]:
     steps = [m.step for m in result.metrics]
+    series = {"train loss": (steps, [m.loss for m in result.metrics])}
+    if result.headline != "loss":
+        series[result.headline] = (steps, [m.metrics.get(result.headline, math.nan) for m in result.metrics])
     plot = line_plot(
         run_dir / "loss.png",
-        {"train loss": (steps, [m.loss for m in result.metrics])},
-        title=f"{workflow}: training loss",
+        series,
+        title=f"{workflow.name}: training",
         xlabel="step",
-        ylabel="mean NLL per trained token",
+        ylabel="loss" if result.headline == "loss" else f"loss, {result.headline}",
     )
-    tps = [m.tokens_per_second for m in result.metrics if m.tokens_per_second == m.tokens_per_second]
+    tps = [m.tokens_per_second for m in result.metrics if math.isfinite(m.tokens_per_second)]
     refs = [CheckpointRef(step=c.step, path=c.path, kind=c.kind) for c in result.checkpoints]  # type: ignore[arg-type]
     checkpoints = CheckpointsManifest(
         checkpoints=refs,
@@ -234,9 +243,10 @@ def _outputs(
         lora_rank=spec.lora_rank,
         steps=result.steps,
         final_loss=result.final_loss,
-        content_hash=_weights_hash(result.sampler_path),
+        content_hash=weights_content_hash(result.sampler_path),
         hyperparameters=hyper,
     )
+    resumed = result.resumed_from
     yield dg.Output(
         checkpoints,
         output_name="checkpoints",
@@ -245,11 +255,12 @@ def _outputs(
             "final_loss": result.final_loss,
             "first_loss": result.metrics[0].loss if result.metrics else float("nan"),
             "mean_tokens_per_second": sum(tps) / len(tps) if tps else 0.0,
-            "resumed_from": result.resumed_from or "",
+            "resumed": resumed is not None,
+            "resumed_from": f"step {resumed.step}: {resumed.path}" if resumed is not None else "",
             "checkpoint_uris": dg.MetadataValue.md(
                 "\n".join(f"- step {c.step} ({c.kind}): `{c.path}`" for c in refs)
             ),
-            "loss_curve": image_markdown(plot, "loss curve"),
+            "loss_curve": image_markdown(plot, "training curves"),
             "metrics_jsonl": dg.MetadataValue.path(result.metrics_path),
         },
     )

@@ -515,6 +515,15 @@ class TinkerBackend(TrainingBackend):
             architecture=_architecture(model.name),
         )
 
+    def starting_state(self, sampler_path: str, state_path: str | None, base_model: BaseModelManifest) -> str:
+        """The registered version's Tinker training state (``tinker://.../weights/...``)."""
+        if not state_path or not state_path.startswith("tinker://"):
+            raise TinkerUnavailableError(
+                f"the registered weights {sampler_path} have no Tinker training state to start from "
+                f"(recorded: {state_path or 'none'}); register a model trained with --backend tinker"
+            )
+        return state_path
+
     def service_client(self) -> TinkerServiceClient:
         """A new Tinker session; probes first (cheap when preflight just ran) so a retry never hangs."""
         import tinker

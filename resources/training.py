@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
 from kitchen.contract import ServiceClient
 from kitchen.manifests import BaseModelManifest
+
+if TYPE_CHECKING:
+    from resources.local_engine import LocalServiceClient
 
 
 class BackendUnavailableError(RuntimeError):
@@ -28,6 +32,10 @@ class TrainingBackend(dg.ConfigurableResource, ABC):
     @abstractmethod
     def resolve_base_model(self, name: str) -> BaseModelManifest:
         """Turn a user's model name into what this backend trains on, or fail naming what was tried."""
+
+    @abstractmethod
+    def starting_state(self, sampler_path: str, state_path: str | None, base_model: BaseModelManifest) -> str:
+        """A training-state path holding a registered adapter's weights, to start a new run from."""
 
     def preflight(self) -> None:
         """Fail fast (before any asset does work) when the backend cannot be used; a no-op by default."""
@@ -56,9 +64,22 @@ class LocalBackend(TrainingBackend):
 
         return resolve_base_model(name)
 
-    def service_client(self) -> ServiceClient:
+    def service_client(self) -> LocalServiceClient:
         from resources.local_engine import LocalServiceClient
 
         return LocalServiceClient(
             root=Path(self.root) if self.root else None, device=self.device, num_threads=self.num_threads
         )
+
+    def starting_state(self, sampler_path: str, state_path: str | None, base_model: BaseModelManifest) -> str:
+        """The recorded state when this machine still has it, else one imported from the adapter."""
+        from resources.local_engine.checkpoints import CheckpointError, read_training_state
+        from resources.local_engine.uris import path_from_uri
+
+        if state_path and state_path.startswith("file://"):
+            try:
+                read_training_state(path_from_uri(state_path), with_optimizer=False)
+                return state_path
+            except (CheckpointError, FileNotFoundError):
+                pass  # another machine's path, or cleaned up: the adapter itself is the source of truth
+        return self.service_client().import_adapter(sampler_path)

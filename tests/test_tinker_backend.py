@@ -187,6 +187,7 @@ def test_known_model_resolves_to_a_tinker_manifest(fake_tinker: FakeTinker) -> N
     assert manifest.path is None and len(manifest.content_hash) == 64
     # No local config.json, yet the default learning rate is tinker-cookbook's rule for an 8B Llama.
     from kitchen_assets.config import TrainingConfig
+
     from kitchen_assets.training import resolve_learning_rate
 
     assert resolve_learning_rate(TrainingConfig(), manifest) == pytest.approx(2.86e-4, rel=1e-2)
@@ -508,6 +509,7 @@ class _FlakyLocalBackend(LocalBackend):
 
 def _run_with_failure_at_step_3(model_dir: Path, error: Exception) -> dg.ExecuteInProcessResult:
     from kitchen_assets.config import SupervisedRunConfig, split_run_config
+
     from kitchen_assets.supervised import SUPERVISED_OP_CONFIGS, supervised_assets
     from kitchen_assets.training import training_multi_asset
 

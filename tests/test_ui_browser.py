@@ -11,7 +11,6 @@ started, by their ids.
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +25,7 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
+from kitchen.home import DAGSTER_INSTANCE_SETTINGS
 from tests.test_supervised_workflow import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ class DagsterDev:
         self.url = f"http://127.0.0.1:{self.port}"
         home = root / "dagster"
         home.mkdir()
-        shutil.copy(REPO / "scripts" / "dagster.yaml", home / "dagster.yaml")  # what `make ui` installs
+        (home / "dagster.yaml").write_text(DAGSTER_INSTANCE_SETTINGS)  # what `make ui` installs
         self.log_path = root / "dagster-dev.log"
         self.env = {**os.environ, **env, "DAGSTER_HOME": str(home), "KITCHEN_HOME": str(root / "kitchen")}
         self.process: subprocess.Popen[bytes] | None = None

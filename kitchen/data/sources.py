@@ -25,13 +25,8 @@ import datasets
 from datasets import Dataset, DatasetDict
 
 from kitchen.data.builtin import builtin_dataset, get_builtin, list_builtin_datasets
-from kitchen.data.schemas import (
-    NORMALIZED_FEATURES,
-    NormalizedRow,
-    SchemaError,
-    detect_schema,
-    normalize_rows,
-)
+from kitchen.data.formats import CHAT, RowFormat
+from kitchen.data.schemas import NormalizedRow, SchemaError
 from kitchen.home import home_dir
 from kitchen.manifests import DatasetManifest
 
@@ -70,6 +65,11 @@ class LoadedDataset:
     skipped_rows: dict[str, int]
     test_split_source: TestSplitSource
     preview: list[NormalizedRow]
+    row_format: RowFormat = CHAT
+
+    def preview_rows(self) -> list[dict[str, str]]:
+        """The first rows, readable (the dataset asset's preview table)."""
+        return [self.row_format.preview(row) for row in self.preview]
 
     @property
     def train_rows(self) -> int:
@@ -103,8 +103,10 @@ def load_dataset_source(
     revision: str | None = None,
     split: str | None = None,
     hub_timeout: float = 10.0,
+    row_format: RowFormat = CHAT,
 ) -> LoadedDataset:
-    """Load ``name`` and normalise it to ``train``/``test`` splits of ``{"messages", "answer"}``.
+    """Load ``name`` and normalise it to ``train``/``test`` splits of ``row_format``'s rows (default chat
+    ``{"messages", "answer"}``).
 
     Tried in order: a built-in name; an existing path (``.jsonl``/``.json``/``.csv``/``.parquet``
     file, a ``save_to_disk`` directory, or a directory of data files whose ``train*``/``test*``
@@ -120,14 +122,18 @@ def load_dataset_source(
     if entry is not None:
         train_size = min(max_rows, entry.train_size) if max_rows is not None else None
         raw = builtin_dataset(name, seed=seed, train_size=train_size)
-        return _prepare(entry.name, entry.name, "builtin", raw, None, test_size, seed, max_rows, split)
+        return _prepare(
+            entry.name, entry.name, "builtin", raw, None, test_size, seed, max_rows, split, row_format
+        )
     known = ", ".join(sorted(b.name for b in list_builtin_datasets()))
     tried.append(f"not a built-in dataset (known: {known})")
 
     path = Path(name).expanduser()
     if path.exists():
         raw, kind = _load_local(path)
-        return _prepare(name, str(path.resolve()), kind, raw, None, test_size, seed, max_rows, split)
+        return _prepare(
+            name, str(path.resolve()), kind, raw, None, test_size, seed, max_rows, split, row_format
+        )
     tried.append(f"no such file or directory: {path}")
 
     if path.suffix.lower() in DATA_FILE_FORMATS:
@@ -136,7 +142,7 @@ def load_dataset_source(
         hub = _load_hub(name, revision, hub_timeout, tried)
         if hub is not None:
             raw, sha = hub
-            return _prepare(name, name, "hub", raw, sha, test_size, seed, max_rows, split)
+            return _prepare(name, name, "hub", raw, sha, test_size, seed, max_rows, split, row_format)
     else:
         tried.append("not a Hugging Face Hub id (expected owner/name or owner/name:config)")
     raise DatasetSourceError(f"Cannot load dataset {name!r}: " + "; ".join(tried) + ".")
@@ -330,13 +336,14 @@ def _prepare(
     seed: int,
     max_rows: int | None,
     split: str | None,
+    row_format: RowFormat,
 ) -> LoadedDataset:
     train_name, test_name = _pick_splits(raw, split, name)
     train_raw = _head(raw[train_name], max_rows)
-    schema = detect_schema(train_raw.column_names)
+    schema = row_format.detect(train_raw.column_names)
     skipped: Counter[str] = Counter()
 
-    train = normalize_rows(train_raw, schema)
+    train = row_format.normalize(train_raw, schema)
     skipped.update(train.skipped)
     if not train.rows:
         raise SchemaError(
@@ -345,14 +352,14 @@ def _prepare(
         )
     test_rows: list[NormalizedRow] = []
     if test_name is not None:
-        test = normalize_rows(_head(raw[test_name], max_rows), schema)
+        test = row_format.normalize(_head(raw[test_name], max_rows), schema)
         skipped.update(test.skipped)
         test_rows = test.rows
 
-    train_ds = Dataset.from_list(train.rows, features=NORMALIZED_FEATURES)
+    train_ds = Dataset.from_list(train.rows, features=row_format.features)
     test_split_source: TestSplitSource = "source"
     if test_rows:
-        test_ds = Dataset.from_list(test_rows, features=NORMALIZED_FEATURES)
+        test_ds = Dataset.from_list(test_rows, features=row_format.features)
     else:
         test_split_source = "seeded-split"
         train_ds, test_ds = _seeded_split(train_ds, test_size, seed, name)
@@ -368,6 +375,7 @@ def _prepare(
         skipped_rows=dict(sorted(skipped.items())),
         test_split_source=test_split_source,
         preview=[dict(train_ds[i]) for i in range(min(PREVIEW_ROWS, len(train_ds)))],
+        row_format=row_format,
     )
 
 

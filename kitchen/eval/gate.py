@@ -23,6 +23,9 @@ class GateSettings:
     """How much the trained model must improve on the base in the metric's own direction."""
     max_nll_increase: float = 0.0
     """Held-out NLL may rise by at most this much (0: no regression allowed)."""
+    min_gap_closed: float | None = None
+    """With a reference model (distillation's teacher): the share of the base-to-reference gap on the
+    primary metric the trained model must close."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ def gate_verdict(
     trained: Mapping[str, float],
     higher_is_better: Mapping[str, bool],
     settings: GateSettings,
+    *,
+    reference: Mapping[str, float] | None = None,
 ) -> GateVerdict:
     """Pass only if the primary metric improves by at least ``margin`` (and by more than nothing, so a
     model identical to its base, such as one trained with learning rate 0, always fails) and held-out
@@ -90,4 +95,39 @@ def gate_verdict(
             f"{numbers}, but held-out NLL regressed: {t_nll:.4g} vs base {b_nll:.4g} "
             f"(allowed increase {settings.max_nll_increase:.4g})",
         )
-    return verdict(True, f"{numbers} >= margin {margin:.4g}; held-out NLL {t_nll:.4g} vs base {b_nll:.4g}")
+    nll_note = f"held-out NLL {t_nll:.4g} vs base {b_nll:.4g}"
+    if settings.min_gap_closed is not None:
+        r = (reference or {}).get(metric)
+        if r is None or not math.isfinite(r):
+            return verdict(False, f"{numbers}, but the reference model reports no finite {metric}")
+        gap = r - b if higher else b - r
+        closed = improvement / gap if gap > 0 else math.inf
+        needed = settings.min_gap_closed
+        if closed < needed - _EPS:
+            return verdict(
+                False,
+                f"{numbers}, but it closed {closed:.1%} of the gap to the reference ({r:.4g}); "
+                f"needed {needed:.0%}",
+            )
+        nll_note += f"; closed {closed:.1%} of the gap to the reference ({r:.4g})"
+    return verdict(True, f"{numbers} >= margin {margin:.4g}; {nll_note}")
+
+
+def verdict_from_report(
+    base: Mapping[str, float], trained: Mapping[str, float], report_path: str
+) -> GateVerdict:
+    """The gate's verdict on a saved eval report: the settings, directions and reference it records, under
+    the one rule above. The blocking asset check and the registry both ask this, so they cannot differ."""
+    import json
+    from pathlib import Path
+
+    path = Path(report_path)
+    if not path.is_file():
+        return GateVerdict(
+            False, f"the eval report {path} is missing, so the gate cannot be checked", "", 0.0
+        )
+    report = json.loads(path.read_text())
+    settings = GateSettings(**report["gate"]["settings"])
+    return gate_verdict(
+        base, trained, report["higher_is_better"], settings, reference=report.get("reference")
+    )

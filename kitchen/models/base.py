@@ -183,3 +183,16 @@ def _from_hub(name: str, timeout_s: float) -> BaseModelManifest:
     path = Path(local)
     manifest = _local_dir(name, path)
     return manifest.model_copy(update={"source": "hub", "revision": info.sha})
+
+
+def hidden_size(base_model: BaseModelManifest) -> int | None:
+    """The model's hidden size: from its local config, else from the table of known Tinker base models."""
+    from kitchen.training.schedule import KNOWN_HIDDEN_SIZES
+
+    if base_model.path:
+        cfg_path = Path(base_model.path) / "config.json"
+        if cfg_path.is_file():
+            value = json.loads(cfg_path.read_text()).get("hidden_size")
+            if value:
+                return int(value)
+    return KNOWN_HIDDEN_SIZES.get(base_model.backend_model)

@@ -22,8 +22,8 @@ from kitchen.manifests import (
     BaseModelManifest,
     CheckpointsManifest,
     DatasetManifest,
-    DatumsManifest,
     EvalManifest,
+    Manifest,
     WeightsManifest,
 )
 
@@ -39,15 +39,35 @@ class TrainedModel:
     workflow: str
     base_model: BaseModelManifest
     dataset: DatasetManifest
-    datums: DatumsManifest
     checkpoints: CheckpointsManifest
     weights: WeightsManifest
     eval_report: EvalManifest
+    inputs: Mapping[str, Manifest] = field(default_factory=dict)
+    """The workflow's own upstream assets by kind (SFT's datums, DPO's reference logprobs, ...)."""
     lower_is_better: bool = False  # direction of eval_report.primary_metric
 
     @property
     def primary_value(self) -> float | None:
         return self.eval_report.trained.get(self.eval_report.primary_metric)
+
+    @property
+    def tokenizer_hash(self) -> str | None:
+        """The tokenizer the training data was rendered with, when an input records one."""
+        for manifest in self.inputs.values():
+            value = getattr(manifest, "tokenizer_hash", None)
+            if isinstance(value, str):
+                return value
+        return None
+
+    def data_settings(self) -> dict[str, object]:
+        """How the training data was rendered (max length, which tokens train), when an input says."""
+        settings: dict[str, object] = {}
+        for manifest in self.inputs.values():
+            for name in ("max_length", "train_on"):
+                value = getattr(manifest, name, None)
+                if value is not None:
+                    settings.setdefault(name, value)
+        return settings
 
 
 @dataclass(frozen=True)
@@ -113,10 +133,9 @@ def _flat(prefix: str, values: Mapping[str, float]) -> dict[str, str]:
 
 def lineage_tags(model: TrainedModel, provenance: Provenance, *, weights_id: str) -> dict[str, str]:
     """Tags naming every upstream asset and what it hashed to, the config, the code and the run."""
-    base, data, datums, ckpts, weights, report = (
+    base, data, ckpts, weights, report = (
         model.base_model,
         model.dataset,
-        model.datums,
         model.checkpoints,
         model.weights,
         model.eval_report,
@@ -131,8 +150,6 @@ def lineage_tags(model: TrainedModel, provenance: Provenance, *, weights_id: str
         "kitchen.dataset": data.name,
         "kitchen.dataset.source": data.source,
         "kitchen.dataset.content_hash": data.content_hash,
-        "kitchen.datums.content_hash": datums.content_hash,
-        "kitchen.datums.tokenizer_hash": datums.tokenizer_hash,
         "kitchen.checkpoints": "\n".join(f"{c.step}:{c.kind}:{c.path}" for c in ckpts.checkpoints),
         "kitchen.weights.sampler_path": weights.sampler_path,
         "kitchen.weights.state_path": weights.state_path,
@@ -141,12 +158,7 @@ def lineage_tags(model: TrainedModel, provenance: Provenance, *, weights_id: str
         "kitchen.training.final_loss": repr(weights.final_loss),
         "kitchen.config": json.dumps(dict(provenance.config), sort_keys=True, default=str),
         "kitchen.hyperparameters": json.dumps(
-            {
-                **weights.hyperparameters,
-                "lora_rank": weights.lora_rank,
-                "max_length": datums.max_length,
-                "train_on": datums.train_on,
-            },
+            {**weights.hyperparameters, "lora_rank": weights.lora_rank, **model.data_settings()},
             sort_keys=True,
         ),
         "kitchen.eval.primary_metric": report.primary_metric,
@@ -156,6 +168,13 @@ def lineage_tags(model: TrainedModel, provenance: Provenance, *, weights_id: str
         "dagster.run_id": provenance.dagster_run_id,
         **code_version(),
     }
+    for kind, manifest in sorted(model.inputs.items()):
+        for name in ("content_hash", "tokenizer_hash"):
+            value = getattr(manifest, name, None)
+            if isinstance(value, str):
+                tags[f"kitchen.{kind}.{name}"] = value
+    if base.registered_version:
+        tags["kitchen.base_model.registered_version"] = base.registered_version
     if base.revision:
         tags["kitchen.base_model.revision"] = base.revision
     if data.revision:
@@ -184,8 +203,7 @@ def run_params(model: TrainedModel, provenance: Provenance) -> dict[str, str]:
         "base_model": model.base_model.name,
         "dataset": model.dataset.name,
         "dataset_revision": model.dataset.revision or model.dataset.content_hash[:16],
-        "max_length": model.datums.max_length,
-        "train_on": model.datums.train_on,
+        **model.data_settings(),
         "eval_examples": model.eval_report.num_examples,
         **provenance.config,
     }

@@ -71,7 +71,10 @@ def derive_model_name(workflow: str, base_model: BaseModelManifest, dataset: Dat
     Hub ids keep their organisation (``huggingfacetb-smollm2-135m-instruct``); local paths contribute
     their last part, so the name does not depend on where a checkout lives.
     """
-    base = _slug(base_model.name, is_path=base_model.source == "local")
+    base_name = base_model.name
+    if base_model.source == "registry":  # models:/NAME@alias: the registered model's name
+        base_name = base_name.removeprefix("models:/").split("@")[0].rsplit("/", 1)[0]
+    base = _slug(base_name, is_path=base_model.source == "local")
     data = _slug(dataset.name, is_path=dataset.source in ("local-dir", "jsonl", "data-files"))
     name = f"{_slug(workflow, is_path=False)}-{base}-{data}"
     if len(name) > MAX_NAME_LENGTH:

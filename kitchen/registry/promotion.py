@@ -1,7 +1,8 @@
 """The champion/challenger rule: who gets the ``champion`` alias after a new version is registered.
 
-A new version becomes ``champion`` only when it passed the eval gate and strictly beats the current
-champion on the primary metric; otherwise it becomes ``challenger``. A champion that records no value
+Weights that failed the eval gate are never registered (``register_trained_model`` refuses them). A
+new version becomes ``champion`` when it strictly beats the current champion on the primary metric;
+otherwise it becomes ``challenger``. A champion that records no value
 for the metric is not displaced: there is no evidence the newcomer is better.
 """
 
@@ -11,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from kitchen.eval.gate import verdict_from_report
 from kitchen.manifests import EvalManifest
 
 Alias = Literal["champion", "challenger"]
@@ -28,25 +30,11 @@ class GateResult:
     source: str  # where the verdict came from, so the metadata says which rule applied
 
 
-def eval_gate(report: EvalManifest, *, lower_is_better: bool) -> GateResult:
-    """The eval gate's verdict for ``report``.
-
-    The eval report's own ``gate_passed`` wins when it records one (the blocking asset check sets the
-    rule). Without it the registry applies a stated default: the trained model's primary metric is
-    finite and no worse than the base model's.
-    """
-    if report.gate_passed is not None:
-        return GateResult(report.gate_passed, "eval_report.gate_passed")
-    metric = report.primary_metric
-    trained, base = report.trained.get(metric), report.base.get(metric)
-    if not _finite(trained):
-        return GateResult(False, f"default rule: trained {metric} is missing or not finite")
-    if not _finite(base):
-        return GateResult(True, f"default rule: trained {metric} is finite and the base has none to compare")
-    assert trained is not None and base is not None
-    passed = trained <= base if lower_is_better else trained >= base
-    relation = "no worse than" if passed else "worse than"
-    return GateResult(passed, f"default rule: trained {metric} {trained:.4g} is {relation} base {base:.4g}")
+def eval_gate(report: EvalManifest) -> GateResult:
+    """The quality gate's verdict on ``report``: the same rule, settings and numbers as the blocking asset
+    check (``kitchen.eval.gate.verdict_from_report``), so registration can never disagree with it."""
+    verdict = verdict_from_report(report.base, report.trained, report.report_path)
+    return GateResult(verdict.passed, f"quality gate: {verdict.reason}")
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,12 @@ def register_trained_model(
     Dagster run's MLflow run, and move the champion or challenger alias. ``run_name`` names the MLflow run
     when this call starts it; with ``rename_run`` it also renames one the telemetry sink started."""
     validate_model_name(name)
+    gate = eval_gate(model.eval_report)
+    if not gate.passed:
+        raise RegistryError(
+            f"refusing to register {model.weights.sampler_path}: its eval report failed the {gate.source} "
+            "(re-run evaluation after training again, or change the gate settings)"
+        )
     weights_id = weights_hash(model)
     tags = lineage_tags(model, provenance, weights_id=weights_id)
     experiment_id = registry.experiment_id(experiment_name)
@@ -280,7 +286,7 @@ def _stage_model(target: Path, model: TrainedModel, name: str, weights_id: str) 
         "tokenizer": {
             "source": base.tokenizer_path,
             "files": tokenizer_files,
-            "fingerprint": model.datums.tokenizer_hash,
+            "fingerprint": model.tokenizer_hash,
         },
         "load": "kitchen.registry.load_sampling_client(service, 'models:/NAME@champion')",
     }
@@ -332,7 +338,7 @@ def _promote(
         metric=metric,
         value=model.primary_value,
         lower_is_better=model.lower_is_better,
-        gate=eval_gate(model.eval_report, lower_is_better=model.lower_is_better),
+        gate=eval_gate(model.eval_report),
         champion_version=champion,
         champion_value=champion_value,
     )

@@ -149,6 +149,13 @@ TRAINING_STEP = register_event(
     metadata=("total_steps",),
     description="One optimizer step completed (grad_norm too when the backend reports it).",
 ).name
+TRAINING_START = register_event(
+    "kitchen.training.start",
+    measurements=("total_steps", "start_step"),
+    metadata=("resumed_from", "headline"),
+    description="Training began; start_step > 0 and resumed_from (a checkpoint URI) when it resumed; "
+    "headline names the plan's main metric besides the loss.",
+).name
 TRAINING_EPOCH = register_event(
     "kitchen.training.epoch", measurements=("epoch", "step"), description="A pass over the data completed."
 ).name

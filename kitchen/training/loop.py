@@ -1,23 +1,29 @@
-"""The one training loop: pipelined requests, LR schedule, checkpoints with optimizer state, resume.
+"""The one training loop: a workflow's plan driven through the training-client contract.
 
-Every workflow (supervised now; DPO, RL and distillation later) hands this loop a list of batches and a
-loss-function name; the loop talks only to the training-client contract, so it runs unchanged on the
-local engine and on Tinker.
+Every workflow (supervised, DPO, RL, distillation) hands this loop a ``TrainingPlan``; the loop talks only
+to ``kitchen.contract``, so it runs unchanged on the local engine and on Tinker. It owns:
 
-Pipelining follows tinker-cookbook: forward_backward and optim_step for batch N+1 are submitted before
-batch N's results are awaited (``max_in_flight`` steps outstanding), which hides request latency. Every
-future is awaited and recorded, none dropped.
+- **Pipelining** (as tinker-cookbook does): step N+1's forward-backward and optimizer step are submitted
+  before step N's results are awaited, up to ``max_in_flight`` steps outstanding. A plan that samples
+  from the policy caps that at ``max_staleness + 1``, and its policy is a
+  ``save_weights_and_get_sampling_client`` snapshot submitted in order after the steps before it, so an
+  on-policy step N samples from exactly the weights after step N - 1.
+- **The LR schedule** and Adam settings of ``TrainingSpec``.
+- **Checkpoints and the ledger**: periodic ``save_state`` (weights + optimizer) recorded, with the plan's
+  state, only once it resolved and every step before it succeeded. After a failed step nothing later
+  enters the ledger or ``metrics.jsonl``, so a retry resumes at or before the failed batch and trains it.
+- **Resume**: a run with the same key continues from its latest checkpoint, the plan restored to it.
+- **Observers**: progress for telemetry, Dagster logs and the CLI.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,25 +31,39 @@ from typing import Any, Protocol
 from tinker import types
 
 from kitchen.contract import ResultFuture, ServiceClient, TrainingClient
+from kitchen.training.ledger import Checkpoint, Ledger
+from kitchen.training.plan import Policy, StepBatch, TrainingPlan
 from kitchen.training.schedule import LRSchedule, learning_rate_at
 
-LEDGER_FILE = "ledger.json"
 METRICS_FILE = "metrics.jsonl"
+
+__all__ = [
+    "METRICS_FILE",
+    "BaseObserver",
+    "Checkpoint",
+    "Ledger",
+    "StepMetrics",
+    "TrainingObserver",
+    "TrainingResult",
+    "TrainingSpec",
+    "read_metrics",
+    "run_training",
+]
 
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    """Everything that determines a training run's result (its hash keys resume)."""
+    """The optimizer and checkpoint settings of a run (with the plan's fingerprint, they key resume)."""
 
     base_model: str
     lora_rank: int
     learning_rate: float
     lr_schedule: LRSchedule
     warmup_steps: int
-    total_steps: int
     save_every: int
     seed: int
-    loss_fn: str = "cross_entropy"
+    init_state: str | None = None
+    """Start from these weights (a state checkpoint, fresh optimizer) instead of a new LoRA adapter."""
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -61,13 +81,9 @@ class TrainingSpec:
             grad_clip_norm=self.grad_clip_norm,
         )
 
-
-@dataclass(frozen=True)
-class Batch:
-    """One optimizer step's data."""
-
-    epoch: int
-    datums: list[types.Datum]
+    def resume_fields(self) -> dict[str, Any]:
+        """What determines the result: pipelining depth does not, so changing it still resumes."""
+        return {k: v for k, v in asdict(self).items() if k != "max_in_flight"}
 
 
 @dataclass(frozen=True)
@@ -83,13 +99,9 @@ class StepMetrics:
     elapsed_seconds: float
     eta_seconds: float
     grad_norm: float | None = None
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    step: int
-    path: str
-    kind: str  # "state" (weights + optimizer) or "sampler" (weights for sampling)
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The plan's metrics for the step, named as the reference implementation names them."""
+    policy_version: int | None = None
 
 
 @dataclass
@@ -100,13 +112,15 @@ class TrainingResult:
     sampler_path: str
     checkpoints: list[Checkpoint]
     metrics: list[StepMetrics]
-    resumed_from: str | None = None
+    headline: str = "loss"
+    resumed_from: Checkpoint | None = None
     metrics_path: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class TrainingObserver(Protocol):
     """Receives progress; telemetry, Dagster logs and the CLI's progress line hang off this."""
+
+    def on_start(self, total_steps: int, resumed_from: Checkpoint | None) -> None: ...
 
     def on_step(self, metrics: StepMetrics, total_steps: int) -> None: ...
 
@@ -115,7 +129,12 @@ class TrainingObserver(Protocol):
     def on_epoch(self, epoch: int, step: int) -> None: ...
 
 
-class NullObserver:
+class BaseObserver:
+    """No-op callbacks: subclass and override what you need."""
+
+    def on_start(self, total_steps: int, resumed_from: Checkpoint | None) -> None:
+        pass
+
     def on_step(self, metrics: StepMetrics, total_steps: int) -> None:
         pass
 
@@ -126,239 +145,223 @@ class NullObserver:
         pass
 
 
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
-class Ledger:
-    """What a training run has durably written, so an interrupted run resumes instead of restarting.
-
-    A checkpoint enters the ledger only after its save future resolved, so the ledger never names a
-    half-written checkpoint.
-    """
-
-    def __init__(self, run_dir: Path, key: str) -> None:
-        self.path = run_dir / LEDGER_FILE
-        self.key = key
-        self.checkpoints: list[Checkpoint] = []
-        self.complete = False
-
-    @classmethod
-    def open(cls, run_dir: Path, key: str) -> Ledger:
-        ledger = cls(run_dir, key)
-        if ledger.path.is_file():
-            data = json.loads(ledger.path.read_text())
-            if data.get("key") == key:
-                ledger.checkpoints = [Checkpoint(**c) for c in data.get("checkpoints", [])]
-                ledger.complete = bool(data.get("complete"))
-        return ledger
-
-    def latest_state(self) -> Checkpoint | None:
-        states = [c for c in self.checkpoints if c.kind == "state"]
-        return max(states, key=lambda c: c.step) if states else None
-
-    def add(self, checkpoint: Checkpoint) -> None:
-        self.checkpoints.append(checkpoint)
-        self.save()
-
-    def reset(self) -> None:
-        self.checkpoints, self.complete = [], False
-        self.save()
-
-    def save(self) -> None:
-        _write_json_atomic(
-            self.path,
-            {
-                "key": self.key,
-                "complete": self.complete,
-                "checkpoints": [asdict(c) for c in self.checkpoints],
-            },
-        )
-
-
-def _batch_counts(datums: Sequence[types.Datum]) -> tuple[int, int]:
-    tokens = trained = 0
-    for datum in datums:
-        tokens += datum.model_input.length
-        weights = datum.loss_fn_inputs["weights"].tolist()
-        trained += int(sum(1 for w in weights if w > 0))
-    return tokens, trained
-
-
-def _batch_weight_sum(datums: Sequence[types.Datum]) -> float:
-    return float(sum(sum(d.loss_fn_inputs["weights"].tolist()) for d in datums))
-
-
 @dataclass
 class _InFlight:
     step: int
-    batch: Batch
+    batch: StepBatch
     learning_rate: float
     forward_backward: ResultFuture[types.ForwardBackwardOutput]
     optim: ResultFuture[types.OptimStepResponse]
     save: ResultFuture[types.SaveWeightsResponse] | None = None
+    plan_state: dict[str, Any] = field(default_factory=dict)
+
+    def futures(self) -> list[ResultFuture[Any]]:
+        return [f for f in (self.forward_backward, self.optim, self.save) if f is not None]
 
 
 def run_training(
     service: ServiceClient,
     spec: TrainingSpec,
-    batches: Sequence[Batch],
+    plan: TrainingPlan,
     run_dir: Path,
     *,
     key: str,
     observer: TrainingObserver | None = None,
     resume: bool = True,
 ) -> TrainingResult:
-    """Train for ``spec.total_steps`` steps over ``batches`` (one per step), checkpointing and resuming."""
-    if spec.total_steps != len(batches):
-        raise ValueError(f"spec.total_steps={spec.total_steps} but {len(batches)} batches were given")
+    """Train ``plan.total_steps`` steps, checkpointing into ``run_dir`` and resuming a run with ``key``."""
+    if plan.total_steps < 1:
+        raise ValueError(f"the plan has {plan.total_steps} steps; there is nothing to train")
     if spec.max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")
-    observer = observer or NullObserver()
+    if plan.max_staleness is not None and plan.max_staleness < 0:
+        raise ValueError(f"max_staleness must be None or >= 0, got {plan.max_staleness}")
+    observer = observer or BaseObserver()
     run_dir.mkdir(parents=True, exist_ok=True)
     ledger = Ledger.open(run_dir, key)
     metrics_path = run_dir / METRICS_FILE
 
-    start_step, client, resumed_from = 0, None, None
     latest = ledger.latest_state() if resume and not ledger.complete else None
     if latest is not None:
         client = service.create_training_client_from_state_with_optimizer(latest.path).result()
-        start_step, resumed_from = latest.step, latest.path
-        history = _read_metrics(metrics_path)[:start_step]
-        ledger.checkpoints = [c for c in ledger.checkpoints if c.step <= start_step]
+        history = read_metrics(metrics_path)[: latest.step]
+        ledger.truncate(latest.step)
     else:
         ledger.reset()
         history = []
-        client = service.create_lora_training_client(
-            spec.base_model, rank=spec.lora_rank, seed=spec.seed
-        ).result()
+        if spec.init_state is not None:
+            client = service.create_training_client_from_state(spec.init_state).result()
+        else:
+            client = service.create_lora_training_client(
+                spec.base_model, rank=spec.lora_rank, seed=spec.seed
+            ).result()
     _rewrite_metrics(metrics_path, history)
+    start_step = latest.step if latest is not None else 0
+    plan.begin(run_dir, start_step, latest.plan_state if latest is not None else {})
+    observer.on_start(plan.total_steps, latest)
 
-    metrics = _drive(client, spec, batches, start_step, ledger, observer, metrics_path, history)
+    driver = _Driver(client, spec, plan, ledger, observer, metrics_path, history)
+    metrics = driver.run(start_step)
 
     final_state = client.save_state("final").result().path
     final_sampler = client.save_weights_for_sampler("final").result().path
     for checkpoint in (
-        Checkpoint(spec.total_steps, final_state, "state"),
-        Checkpoint(spec.total_steps, final_sampler, "sampler"),
+        Checkpoint(plan.total_steps, final_state, "state", plan.state()),
+        Checkpoint(plan.total_steps, final_sampler, "sampler"),
     ):
         ledger.add(checkpoint)
         observer.on_checkpoint(checkpoint)
-    ledger.complete = True
-    ledger.save()
+    ledger.mark_complete()
     return TrainingResult(
-        steps=spec.total_steps,
+        steps=plan.total_steps,
         final_loss=metrics[-1].loss if metrics else math.nan,
         state_path=final_state,
         sampler_path=final_sampler,
         checkpoints=list(ledger.checkpoints),
         metrics=metrics,
-        resumed_from=resumed_from,
+        headline=plan.headline,
+        resumed_from=latest,
         metrics_path=str(metrics_path),
     )
 
 
-def _drive(
-    client: TrainingClient,
-    spec: TrainingSpec,
-    batches: Sequence[Batch],
-    start_step: int,
-    ledger: Ledger,
-    observer: TrainingObserver,
-    metrics_path: Path,
-    history: list[StepMetrics],
-) -> list[StepMetrics]:
-    metrics = list(history)
-    pending: deque[_InFlight] = deque()
-    started = last_done = time.perf_counter()
-    done_this_run = 0
+class _Driver:
+    """Submits steps ahead, records them in order, and stops recording at the first failure."""
 
-    def complete_oldest() -> None:
-        nonlocal last_done, done_this_run
-        item = pending.popleft()
+    def __init__(
+        self,
+        client: TrainingClient,
+        spec: TrainingSpec,
+        plan: TrainingPlan,
+        ledger: Ledger,
+        observer: TrainingObserver,
+        metrics_path: Path,
+        history: list[StepMetrics],
+    ) -> None:
+        self.client, self.spec, self.plan = client, spec, plan
+        self.ledger, self.observer, self.metrics_path = ledger, observer, metrics_path
+        self.metrics = list(history)
+        self.pending: deque[_InFlight] = deque()
+        self.policy: Policy | None = None
+        self.started = self.last_done = time.perf_counter()
+        self.done_this_run = 0
+        self.last_epoch: int | None = history[-1].epoch if history else None
+        in_flight = spec.max_in_flight
+        if plan.max_staleness is not None:
+            in_flight = min(in_flight, plan.max_staleness + 1)
+        self.max_in_flight = in_flight
+
+    def run(self, start_step: int) -> list[StepMetrics]:
+        try:
+            for step in range(start_step, self.plan.total_steps):
+                self.pending.append(self._submit(step))
+                while len(self.pending) >= self.max_in_flight:
+                    self._complete_oldest()
+            while self.pending:
+                self._complete_oldest()
+        except BaseException:
+            # Nothing after the failure is recorded: the remaining steps' results (and any checkpoint
+            # taken after the failed step) are abandoned, and what has not started yet is cancelled,
+            # so an interrupt does not wait for every outstanding request.
+            self._abandon()
+            raise
+        if self.last_epoch is not None:
+            self.observer.on_epoch(self.last_epoch, self.plan.total_steps)
+        return self.metrics
+
+    def _policy_for(self, step: int) -> Policy | None:
+        staleness = self.plan.max_staleness
+        if staleness is None:
+            return None
+        if self.policy is None or self.policy.version < step - staleness:
+            # Ordered after every step submitted so far: its weights are those after `step` steps.
+            sampler = self.client.save_weights_and_get_sampling_client().result()
+            self.policy = Policy(sampler, version=step)
+        return self.policy
+
+    def _submit(self, step: int) -> _InFlight:
+        batch = self.plan.prepare(step, self._policy_for(step))
+        spec = self.spec
+        lr = learning_rate_at(
+            step,
+            total_steps=self.plan.total_steps,
+            base_lr=spec.learning_rate,
+            schedule=spec.lr_schedule,
+            warmup_steps=spec.warmup_steps,
+        )
+        fb = self.plan.submit(self.client, batch)
+        opt = self.client.optim_step(spec.adam(lr))
+        is_save_step = spec.save_every > 0 and (step + 1) % spec.save_every == 0
+        is_save_step = is_save_step and step + 1 < self.plan.total_steps
+        save = self.client.save_state(f"step-{step + 1:06d}") if is_save_step else None
+        plan_state = self.plan.state() if save is not None else {}
+        return _InFlight(step, batch, lr, fb, opt, save, plan_state)
+
+    def _complete_oldest(self) -> None:
+        item = self.pending.popleft()
         output = item.forward_backward.result()
         optim = item.optim.result()
         now = time.perf_counter()
-        step_seconds, last_done = now - last_done, now
-        done_this_run += 1
-        tokens, trained = _batch_counts(item.batch.datums)
-        weight_sum = _batch_weight_sum(item.batch.datums)
-        loss_sum = float(output.metrics.get("loss:sum", math.nan))
-        elapsed = now - started
-        remaining = spec.total_steps - (item.step + 1)
+        step_seconds, self.last_done = now - self.last_done, now
+        self.done_this_run += 1
+        values = self.plan.metrics(item.batch, output)
+        if "loss" not in values:
+            raise ValueError(f"{type(self.plan).__name__}.metrics must report 'loss'; got {sorted(values)}")
+        elapsed = now - self.started
+        remaining = self.plan.total_steps - (item.step + 1)
+        tokens = item.batch.tokens
         record = StepMetrics(
             step=item.step + 1,
             epoch=item.batch.epoch,
-            loss=loss_sum / weight_sum if weight_sum > 0 else math.nan,
+            loss=float(values["loss"]),
             learning_rate=item.learning_rate,
             tokens=tokens,
-            trained_tokens=trained,
+            trained_tokens=int(values.get("trained_tokens", 0)),
             step_seconds=step_seconds,
             tokens_per_second=tokens / step_seconds if step_seconds > 0 else math.nan,
             elapsed_seconds=elapsed,
-            eta_seconds=elapsed / done_this_run * remaining,
+            eta_seconds=elapsed / self.done_this_run * remaining,
             grad_norm=(optim.metrics or {}).get("grad_norm") if optim is not None else None,
+            metrics={k: float(v) for k, v in values.items()},
+            policy_version=item.batch.policy_version,
         )
-        metrics.append(record)
-        with metrics_path.open("a") as handle:
-            handle.write(json.dumps(asdict(record)) + "\n")
-        observer.on_step(record, spec.total_steps)
+        checkpoint = None
         if item.save is not None:
-            checkpoint = Checkpoint(item.step + 1, item.save.result().path, "state")
-            ledger.add(checkpoint)
-            observer.on_checkpoint(checkpoint)
-        next_batch = batches[item.step + 1] if item.step + 1 < len(batches) else None
-        if next_batch is None or next_batch.epoch != item.batch.epoch:
-            observer.on_epoch(item.batch.epoch, item.step + 1)
+            checkpoint = Checkpoint(item.step + 1, item.save.result().path, "state", item.plan_state)
+        if self.last_epoch is not None and item.batch.epoch != self.last_epoch:
+            self.observer.on_epoch(self.last_epoch, item.step)
+        self.last_epoch = item.batch.epoch
+        self.metrics.append(record)
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(asdict(record)) + "\n")
+        self.plan.on_step_complete(item.step, item.batch, output, record.metrics)
+        self.observer.on_step(record, self.plan.total_steps)
+        if checkpoint is not None:
+            self.ledger.add(checkpoint)
+            self.observer.on_checkpoint(checkpoint)
 
-    try:
-        for step in range(start_step, spec.total_steps):
-            batch = batches[step]
-            lr = learning_rate_at(
-                step,
-                total_steps=spec.total_steps,
-                base_lr=spec.learning_rate,
-                schedule=spec.lr_schedule,
-                warmup_steps=spec.warmup_steps,
-            )
-            fb = client.forward_backward(batch.datums, spec.loss_fn)
-            opt = client.optim_step(spec.adam(lr))
-            is_save_step = (
-                spec.save_every > 0 and (step + 1) % spec.save_every == 0 and step + 1 < spec.total_steps
-            )
-            save = client.save_state(f"step-{step + 1:06d}") if is_save_step else None
-            pending.append(_InFlight(step, batch, lr, fb, opt, save))
-            while len(pending) >= spec.max_in_flight:
-                complete_oldest()
-        while pending:
-            complete_oldest()
-    except BaseException:
-        # Finish what was already submitted before re-raising: steps whose results arrive are recorded
-        # and their checkpoints enter the ledger, so a retry resumes as late as possible. Nothing is
-        # abandoned mid-flight; the first error wins.
-        while pending:
-            try:
-                complete_oldest()
-            except Exception:
-                for item in pending:
-                    for future in (item.forward_backward, item.optim, item.save):
-                        if future is not None:
-                            with contextlib.suppress(Exception):
-                                future.result()
-                pending.clear()
-        raise
-    return metrics
+    def _abandon(self) -> None:
+        for item in self.pending:
+            for future in item.futures():
+                cancel = getattr(future, "cancel", None)
+                if callable(cancel):
+                    cancel()
+        self.pending.clear()
 
 
-def _read_metrics(path: Path) -> list[StepMetrics]:
+def read_metrics(path: Path | str) -> list[StepMetrics]:
+    """The step records a run wrote (``metrics.jsonl``), oldest first."""
+    path = Path(path)
     if not path.is_file():
         return []
-    return [StepMetrics(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return [_step_metrics(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _step_metrics(data: Mapping[str, Any]) -> StepMetrics:
+    return StepMetrics(**{k: v for k, v in data.items() if k in StepMetrics.__dataclass_fields__})
 
 
 def _rewrite_metrics(path: Path, metrics: list[StepMetrics]) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text("".join(json.dumps(asdict(m)) + "\n" for m in metrics))
     os.replace(tmp, path)

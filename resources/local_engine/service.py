@@ -7,13 +7,19 @@ from pathlib import Path
 
 import torch
 
+from kitchen.hashing import hash_file
 from kitchen.home import home_dir
 from resources.futures import run_now
-from resources.local_engine.checkpoints import read_state_info
+from resources.local_engine.checkpoints import (
+    PEFT_WEIGHTS_FILE,
+    STATE_MANIFEST,
+    read_sampler,
+    read_state_info,
+)
 from resources.local_engine.runtime import EngineRuntime, check_model_dir, resolve_device, resolve_dtype
 from resources.local_engine.sampling import LocalSamplingClient, open_sampling_client
 from resources.local_engine.training import LocalTrainingClient
-from resources.local_engine.uris import path_from_uri
+from resources.local_engine.uris import path_from_uri, uri_for_path
 
 
 class LocalServiceClient:
@@ -79,6 +85,24 @@ class LocalServiceClient:
 
     def close(self, status: str = "success", detail: str | None = None) -> None:
         """Nothing to release: clients free their threads when garbage-collected."""
+
+    def import_adapter(self, sampler_path: str) -> str:
+        """A weights-only training state holding a saved adapter, so training can start from it (a
+        registered model trained elsewhere). Not part of the contract: on Tinker the registered version's
+        own state path serves. Idempotent per adapter content."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        directory = path_from_uri(sampler_path)
+        info = read_sampler(directory)
+        content = hash_file(directory / PEFT_WEIGHTS_FILE)
+        target = self.root / "imports" / content[:16] / "state" / "start"
+        if (target / STATE_MANIFEST).is_file():
+            return uri_for_path(target)
+        client = LocalTrainingClient(self.runtime, check_model_dir(info.base_model), info.rank, seed=0)
+        set_peft_model_state_dict(client.peft_model, load_file(str(directory / PEFT_WEIGHTS_FILE)))
+        client.save_state_to(target)
+        return uri_for_path(target)
 
     def _from_state(self, path: str, *, with_optimizer: bool) -> LocalTrainingClient:
         info = read_state_info(path_from_uri(path))

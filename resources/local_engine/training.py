@@ -219,8 +219,21 @@ class LocalTrainingClient:
         self._step += 1
         return types.OptimStepResponse(metrics={"grad_norm": float(norm)})
 
+    @property
+    def peft_model(self) -> Any:
+        """The PEFT model (for importing adapter weights before any step; not for use mid-training)."""
+        return self._model
+
+    def save_state_to(self, target: Path) -> None:
+        """Write this session's state to ``target`` (synchronously, on the caller's thread)."""
+        self._executor.submit(self._write_state, target).result()
+
     def _save_state(self, name: str) -> types.SaveWeightsResponse:
         target = self.session_dir / "state" / name
+        self._write_state(target)
+        return types.SaveWeightsResponse(path=uri_for_path(target))
+
+    def _write_state(self, target: Path) -> None:
         write_training_state(
             target,
             StateInfo(
@@ -235,7 +248,6 @@ class LocalTrainingClient:
             optimizer=self._optimizer.state_dict(),
             rng={"generator": self._generator.get_state()},
         )
-        return types.SaveWeightsResponse(path=uri_for_path(target))
 
     def _load(self, uri: str, directory: Path, with_optimizer: bool) -> types.LoadWeightsResponse:
         state = read_training_state(directory, with_optimizer=with_optimizer)

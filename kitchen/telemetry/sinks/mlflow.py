@@ -42,6 +42,9 @@ STEP_METRICS = {
     "grad_norm": "train/grad_norm",
     "epoch": "train/epoch",
 }
+# Other training.step measurements are the plan's own metrics, logged under their reference names
+# (dpo_loss, env/reward/total, ...); these bookkeeping ones are not.
+_NOT_LOGGED = frozenset({"step", "step_seconds", "elapsed_seconds", "eta_seconds"})
 _STATUS = {"success": "FINISHED", "failure": "FAILED", "canceled": "KILLED"}
 
 _lock = threading.RLock()
@@ -139,9 +142,9 @@ class MlflowSink:
         if event.name == TRAINING_STEP:
             step = int(event.measurements["step"])
             metrics = [
-                Metric(name, float(event.measurements[key]), millis, step)
-                for key, name in STEP_METRICS.items()
-                if key in event.measurements
+                Metric(STEP_METRICS.get(key, key), float(value), millis, step)
+                for key, value in event.measurements.items()
+                if key in STEP_METRICS or key not in _NOT_LOGGED
             ]
         else:
             model = event.metadata["model"]

@@ -172,13 +172,14 @@ def _show(registry: ModelRegistry, ref: ModelRef) -> int:
 def _sample(registry: ModelRegistry, ref: ModelRef, prompt: str, max_tokens: int, backend: str | None) -> int:
     from tinker import types
 
+    from kitchen.cli.location import load_definitions
     from kitchen.data import prompt_and_answer
     from kitchen.registry.loading import sampler_path
-    from kitchen_assets.definitions import training_backend
 
     registry.preflight()
     path, view = sampler_path(registry, ref)
-    service = training_backend(backend or view.tags.get("kitchen.backend")).service_client()
+    defs = load_definitions(backend or view.tags.get("kitchen.backend"))
+    service = (defs.resources or {})["training"].service_client()
     client = service.create_sampling_client(model_path=path).result()
     tokenizer = client.get_tokenizer()
     row = {
