@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -45,22 +44,24 @@ class RunProgress:
             transient=False,
         )
         self.task: Any = None
-        self.started: dict[str, float] = {}
+        self.status: Any = None
 
     def __call__(self, event: TelemetryEvent) -> None:
         name, m, meta = event.name, event.measurements, event.metadata
         if name == telemetry.STAGE_START:
-            self.started[str(meta.get("stage"))] = time.perf_counter()
-            self.console.print(f"[dim]…[/dim] {self._label(meta)}")
+            self._stop_live()
+            self.status = self.console.status(f"{self._label(meta)} …")
+            self.status.start()
         elif name == telemetry.STAGE_STOP:
             took = m.get("duration_seconds", 0.0)
             status = meta.get("status")
             mark = "[green]✓[/green]" if status == "success" else "[red]✗[/red]"
             if status == "retry":
                 mark = "[yellow]↻[/yellow]"
-            self._stop_bar()
+            self._stop_live()
             self.console.print(f"{mark} {self._label(meta)} [dim]({_fmt_seconds(float(took))})[/dim]")
         elif name == telemetry.TRAINING_START:
+            self._stop_live()
             start, total = int(m["start_step"]), int(m["total_steps"])
             self.headline = str(meta.get("headline") or "loss")
             if meta.get("resumed_from"):
@@ -75,14 +76,20 @@ class RunProgress:
             self.progress.update(self.task, completed=int(m["step"]), stats=stats)
         elif name == telemetry.EVAL_COMPLETE:
             shown = {k: v for k, v in m.items() if k not in ("examples",) and isinstance(v, float)}
-            text = ", ".join(f"{k} {v:.3f}" for k, v in list(shown.items())[:4])
-            self.console.print(f"  evaluated {meta.get('model')}: {text}")
+            text = ", ".join(f"{k} {v:.3f}" for k, v in list(shown.items())[:3])
+            self.console.print(f"  {meta.get('model')}: {text}")
 
     @staticmethod
     def _label(meta: Any) -> str:
+        checks = meta.get("check_keys") or []
+        if checks:
+            return f"check {', '.join(map(str, checks))}"
         return str(meta.get("asset_key") or meta.get("stage") or "step")
 
-    def _stop_bar(self) -> None:
+    def _stop_live(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
         if self.task is not None:
             self.progress.stop()
             self.task = None
@@ -94,7 +101,7 @@ class RunProgress:
             yield
         finally:
             telemetry.detach(_HANDLER)
-            self._stop_bar()
+            self._stop_live()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,7 @@
+"""``python -m kitchen.cli``: the same as the ``kitchen`` command."""
+
+import sys
+
+from kitchen.cli import main
+
+sys.exit(main())
