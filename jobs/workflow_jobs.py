@@ -24,7 +24,7 @@ def job_name(workflow: Workflow) -> str:
     return f"{workflow.name}_job"
 
 
-def workflow_job(workflow: Workflow) -> UnresolvedAssetJobDefinition:
+def run_config_mapping(workflow: Workflow) -> dg.ConfigMapping:
     """Validate the flat config at launch (ranges included) and split it into per-asset config."""
     flat = dagster_config(workflow.config)
     sections = op_configs(workflow)
@@ -36,10 +36,14 @@ def workflow_job(workflow: Workflow) -> UnresolvedAssetJobDefinition:
         )
 
     mapping.__annotations__["val"] = flat
+    return dg.config_mapping(mapping)
+
+
+def workflow_job(workflow: Workflow) -> UnresolvedAssetJobDefinition:
     return dg.define_asset_job(
         name=job_name(workflow),
         selection=dg.AssetSelection.groups(workflow.name),
-        config=dg.config_mapping(mapping),
+        config=run_config_mapping(workflow),
         description=workflow.summary,
         tags={WORKFLOW_TAG: workflow.name, **RUN_RETRY_TAGS},
     )

@@ -31,7 +31,19 @@ def own_assets(workflow: Workflow) -> list[dg.AssetsDefinition]:
     return built
 
 
+_BUILT: dict[int, list[AssetLike]] = {}
+
+
 def workflow_assets(workflow: Workflow) -> list[AssetLike]:
+    """Built once per workflow object: every ``Definitions`` (local or Tinker backend) shares them, since
+    only the resources differ."""
+    built = _BUILT.get(id(workflow))
+    if built is None:
+        built = _BUILT[id(workflow)] = _build(workflow)
+    return built
+
+
+def _build(workflow: Workflow) -> list[AssetLike]:
     return [
         base_model_asset(workflow),
         dataset_asset(workflow),

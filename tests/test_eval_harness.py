@@ -67,7 +67,7 @@ def test_unknown_task_names_fail_with_the_closest_matches(monkeypatch: pytest.Mo
         harness.plan_evaluation(None, ["gsm8kk"])
     from pydantic import ValidationError
 
-    from kitchen_assets.config import SupervisedRunConfig
+    from kitchen.workflows.supervised import SupervisedConfig as SupervisedRunConfig
 
     with pytest.raises(ValidationError, match=r"hellaswg.*closest matches: hellaswag"):
         SupervisedRunConfig(eval_tasks="kitchen_arithmetic,hellaswg")

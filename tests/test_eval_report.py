@@ -13,11 +13,13 @@ from typing import Any
 import dagster as dg
 from test_supervised_workflow import tiny_run_config
 
-from jobs.supervised import supervised_config
+from jobs.workflow_jobs import run_config_mapping
 from kitchen.manifests import EvalManifest
+from kitchen.workflows import get_workflow
 from kitchen_assets.definitions import build_definitions
 from kitchen_assets.io import read_manifest
-from kitchen_assets.supervised import WORKFLOW
+
+WORKFLOW = "supervised"
 
 REPORT = dg.AssetKey([WORKFLOW, "eval_report"])
 REGISTRATION = dg.AssetKey([WORKFLOW, "registration_stand_in"])
@@ -30,7 +32,11 @@ def registration_stand_in() -> None:
 
 def run_gated_job(run_config: dict[str, Any]) -> dg.ExecuteInProcessResult:
     base = build_definitions("local")
-    job = dg.define_asset_job("gated", selection=dg.AssetSelection.groups(WORKFLOW), config=supervised_config)
+    job = dg.define_asset_job(
+        "gated",
+        selection=dg.AssetSelection.groups(WORKFLOW),
+        config=run_config_mapping(get_workflow(WORKFLOW)),
+    )
     defs = dg.Definitions(
         assets=[*base.assets, registration_stand_in],  # type: ignore[misc]
         jobs=[job],
@@ -66,7 +72,7 @@ def test_failing_gate_blocks_registration_and_says_why(tiny_model_dir: Path) -> 
     assert saved["gate"]["passed"] is False and saved["gate"]["settings"]["metric"] == "exact_match"
     assert saved["tasks"] == ["kitchen_heldout_nll", "kitchen_arithmetic"]
     for label in ("base", "trained"):
-        lm_eval = json.loads(Path(saved["lm_eval_outputs"][label]).read_text())
+        lm_eval = json.loads(Path(saved["outputs"][f"lm_eval_{label}"]).read_text())
         assert set(lm_eval["kitchen"]["results"]) == {"kitchen_heldout_nll", "kitchen_arithmetic"}
         assert len(lm_eval["kitchen"]["samples"]["kitchen_arithmetic"]) == 6
 

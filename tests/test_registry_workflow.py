@@ -12,10 +12,11 @@ from test_supervised_workflow import tiny_run_config
 from kitchen.cli import main
 from kitchen.manifests import RegisteredModelManifest, WeightsManifest
 from kitchen.registry import ModelRegistry, default_tracking_uri, load_sampling_client
+from kitchen.workflows import get_workflow
 from kitchen_assets.definitions import build_definitions
 from kitchen_assets.io import ManifestIOManager, read_manifest
-from kitchen_assets.registry import UPSTREAM
-from kitchen_assets.supervised import supervised_assets
+from kitchen_assets.registry import upstream_kinds
+from kitchen_assets.workflows import workflow_assets
 from resources.mlflow_registry import MlflowRegistry
 from resources.training import LocalBackend
 
@@ -36,7 +37,7 @@ def test_job_registers_a_champion_that_cli_shows_and_that_loads_back(
 
         registry = ModelRegistry(default_tracking_uri())
         tags = registry.version(NAME, "1").tags
-        for asset in UPSTREAM:
+        for asset in upstream_kinds(get_workflow("supervised")):
             assert tags[f"kitchen.upstream.supervised/{asset}"] == result.run_id
         weights = read_manifest(dg.AssetKey(["supervised", "trained_weights"]))
         assert isinstance(weights, WeightsManifest)
@@ -57,7 +58,7 @@ def test_job_registers_a_champion_that_cli_shows_and_that_loads_back(
 
         # Registering the same weights again (the asset alone, inputs from the stored manifests).
         again = dg.materialize(
-            supervised_assets,
+            workflow_assets(get_workflow("supervised")),
             selection=[dg.AssetKey(["supervised", "registered_model"])],
             resources={
                 "training": LocalBackend(),

@@ -23,10 +23,14 @@ from jobs.sensors import (
     retraining_sensor,
     run_failure_recorder,
 )
-from jobs.supervised import supervised_job
-from kitchen_assets.config import SupervisedRunConfig
+from jobs.workflow_jobs import workflow_job
+from kitchen.workflows import get_workflow
+from kitchen.workflows.supervised import SupervisedConfig
 from kitchen_assets.definitions import build_definitions
 from tests.test_supervised_workflow import tiny_run_config
+
+SUPERVISED = get_workflow("supervised")
+supervised_job = workflow_job(SUPERVISED)
 
 ROWS_A = [{"question": "What is 2 + 2?", "answer": "4"}, {"question": "What is 3 + 5?", "answer": "8"}]
 ROWS_B = [*ROWS_A, {"question": "What is 7 + 1?", "answer": "8"}]
@@ -78,7 +82,7 @@ def test_local_file_first_tick_records_unchanged_skips_changed_requests_one_run(
     assert request.tags[REVISION_TAG] == revision and request.tags[DATASET_TAG] == str(data)
     # The flat config supervised_job takes: the sensor's base config with the watched dataset.
     assert request.run_config == {"max_steps": 2, "batch_size": 4, "dataset": str(data)}
-    SupervisedRunConfig(**request.run_config)
+    SupervisedConfig(**request.run_config)
 
     after = _tick(sensor, changed.cursor)
     assert not after.run_requests
@@ -204,20 +208,22 @@ def test_settings_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("KITCHEN_RETRAIN_RUN_CONFIG", str(config))
     monkeypatch.setenv("KITCHEN_RETRAIN_SENSOR", "running")
     monkeypatch.setenv("KITCHEN_RETRAIN_INTERVAL", "45")
-    settings = RetrainSettings.from_env()
+    settings = RetrainSettings.from_env(SUPERVISED)
     assert settings.sources == ("data/chats.jsonl",)  # the run config's dataset, unless listed
     assert settings.default_status == dg.DefaultSensorStatus.RUNNING and settings.interval_seconds == 45
     monkeypatch.setenv("KITCHEN_RETRAIN_SOURCES", "a/b, ./c.jsonl")
-    assert RetrainSettings.from_env().sources == ("a/b", "./c.jsonl")
+    assert RetrainSettings.from_env(SUPERVISED).sources == ("a/b", "./c.jsonl")
+    monkeypatch.setenv("KITCHEN_SUPERVISED_RETRAIN_SOURCES", "x/y")  # the per-workflow name wins
+    assert RetrainSettings.from_env(SUPERVISED).sources == ("x/y",)
     monkeypatch.setenv("KITCHEN_RETRAIN_SENSOR", "sometimes")
     with pytest.raises(ValueError, match="KITCHEN_RETRAIN_SENSOR"):
-        RetrainSettings.from_env()
+        RetrainSettings.from_env(SUPERVISED)
     monkeypatch.delenv("KITCHEN_RETRAIN_SENSOR")
     config.write_text("epochs: 0\n")
     with pytest.raises(
         ValueError, match=f"KITCHEN_RETRAIN_RUN_CONFIG={config}: not a valid run config"
     ) as raised:
-        RetrainSettings.from_env()
+        RetrainSettings.from_env(SUPERVISED)
     assert "epochs" in str(raised.value)
 
 

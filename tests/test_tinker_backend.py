@@ -186,11 +186,9 @@ def test_known_model_resolves_to_a_tinker_manifest(fake_tinker: FakeTinker) -> N
     assert manifest.tokenizer_path == "thinkingmachineslabinc/meta-llama-3-instruct-tokenizer"
     assert manifest.path is None and len(manifest.content_hash) == 64
     # No local config.json, yet the default learning rate is tinker-cookbook's rule for an 8B Llama.
-    from kitchen_assets.config import TrainingConfig
+    from kitchen.workflows import get_workflow
 
-    from kitchen_assets.training import resolve_learning_rate
-
-    assert resolve_learning_rate(TrainingConfig(), manifest) == pytest.approx(2.86e-4, rel=1e-2)
+    assert get_workflow("supervised").default_learning_rate(manifest) == pytest.approx(2.86e-4, rel=1e-2)
 
 
 def test_unknown_model_lists_what_the_service_offers(fake_tinker: FakeTinker) -> None:
@@ -487,6 +485,9 @@ class _FlakyService:
         self._inner = inner
         _FLAKY["calls"].append(0)
 
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
     def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None) -> Any:
         return resolved(
             _FlakyTraining(self._inner.create_lora_training_client(base_model, rank=rank, seed=seed).result())
@@ -508,19 +509,22 @@ class _FlakyLocalBackend(LocalBackend):
 
 
 def _run_with_failure_at_step_3(model_dir: Path, error: Exception) -> dg.ExecuteInProcessResult:
-    from kitchen_assets.config import SupervisedRunConfig, split_run_config
-
-    from kitchen_assets.supervised import SUPERVISED_OP_CONFIGS, supervised_assets
-    from kitchen_assets.training import training_multi_asset
+    from kitchen.workflows import get_workflow, split_run_config
+    from kitchen.workflows.supervised import SupervisedConfig
+    from kitchen_assets.factory import op_configs
+    from kitchen_assets.training import training_asset
+    from kitchen_assets.workflows import workflow_assets
 
     _FLAKY.update(calls=[], failed=False, fail_at=3, resumed_from=[], error=error)
-    train = training_multi_asset("supervised", retry_policy=dg.RetryPolicy(max_retries=2, delay=0))
+    workflow = get_workflow("supervised")
+    train = training_asset(workflow, retry_policy=dg.RetryPolicy(max_retries=2, delay=0))
     assets = [
         a
-        for a in supervised_assets
-        if a.node_def.name in {"supervised__base_model", "supervised__dataset", "supervised__datums"}
+        for a in workflow_assets(workflow)
+        if isinstance(a, dg.AssetsDefinition)
+        and a.node_def.name in {"supervised__base_model", "supervised__dataset", "supervised__datums"}
     ] + [train]
-    flat = SupervisedRunConfig(
+    flat = SupervisedConfig(
         model=str(model_dir),
         max_rows=48,
         batch_size=8,
@@ -531,7 +535,7 @@ def _run_with_failure_at_step_3(model_dir: Path, error: Exception) -> dg.Execute
         max_length=64,
     )
     names = {a.node_def.name for a in assets}
-    ops = {k: v for k, v in split_run_config(flat, SUPERVISED_OP_CONFIGS).items() if k in names}
+    ops = {k: v for k, v in split_run_config(flat, op_configs(workflow)).items() if k in names}
     with dg.DagsterInstance.ephemeral() as instance:
         return dg.materialize(
             assets,
@@ -544,10 +548,15 @@ def _run_with_failure_at_step_3(model_dir: Path, error: Exception) -> dg.Execute
 
 def test_a_transient_failure_is_retried_and_resumes_from_the_last_checkpoint(tiny_model_dir: Path) -> None:
     from kitchen.manifests import CheckpointsManifest
-    from kitchen_assets.supervised import supervised_assets
+    from kitchen.workflows import get_workflow
     from kitchen_assets.training import TRAIN_RETRY_POLICY
+    from kitchen_assets.workflows import workflow_assets
 
-    shipped = next(a for a in supervised_assets if a.node_def.name == "supervised__train")
+    shipped = next(
+        a
+        for a in workflow_assets(get_workflow("supervised"))
+        if isinstance(a, dg.AssetsDefinition) and a.node_def.name == "supervised__train"
+    )
     assert shipped.op.retry_policy == TRAIN_RETRY_POLICY
     result = _run_with_failure_at_step_3(tiny_model_dir, ConnectionResetError("injected: connection reset"))
     assert result.success
@@ -568,7 +577,7 @@ def test_a_transient_failure_is_retried_and_resumes_from_the_last_checkpoint(tin
         for e in result.get_asset_materialization_events()
         if e.asset_key == dg.AssetKey(["supervised", "checkpoints"])
     )
-    assert meta["resumed_from"].value == resumed
+    assert meta["resumed"].value is True and meta["resumed_from"].value == f"step 2: {resumed}"
 
 
 def test_a_permanent_failure_is_not_retried(tiny_model_dir: Path) -> None:

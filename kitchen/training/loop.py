@@ -254,15 +254,22 @@ class _Driver:
     def run(self, start_step: int) -> list[StepMetrics]:
         try:
             for step in range(start_step, self.plan.total_steps):
-                self.pending.append(self._submit(step))
+                try:
+                    item = self._submit(step)
+                except Exception:
+                    # Preparing or submitting step N failed: the steps already in flight come before it,
+                    # so their results are recorded (a retry resumes as late as it truthfully can).
+                    self._drain_earlier()
+                    raise
+                self.pending.append(item)
                 while len(self.pending) >= self.max_in_flight:
                     self._complete_oldest()
             while self.pending:
                 self._complete_oldest()
         except BaseException:
-            # Nothing after the failure is recorded: the remaining steps' results (and any checkpoint
-            # taken after the failed step) are abandoned, and what has not started yet is cancelled,
-            # so an interrupt does not wait for every outstanding request.
+            # A step's result failed (or the run was interrupted): nothing after it is recorded; the
+            # remaining steps (and any checkpoint taken after the failed step) are abandoned and what
+            # has not started is cancelled, so an interrupt does not wait for outstanding requests.
             self._abandon()
             raise
         if self.last_epoch is not None:
@@ -339,6 +346,15 @@ class _Driver:
         if checkpoint is not None:
             self.ledger.add(checkpoint)
             self.observer.on_checkpoint(checkpoint)
+
+    def _drain_earlier(self) -> None:
+        """Record the in-flight steps in order, stopping silently at the first that fails (the error the
+        caller is raising is the one to report)."""
+        while self.pending:
+            try:
+                self._complete_oldest()
+            except Exception:
+                return
 
     def _abandon(self) -> None:
         for item in self.pending:
