@@ -35,6 +35,10 @@ CustomLossFn = Callable[[list[types.Datum], list["torch.Tensor"]], tuple["torch.
 SessionStatus = Literal["success", "errored", "interrupted"]
 
 
+class BackendUnavailableError(RuntimeError):
+    """The backend cannot be used (missing credentials, unreachable service); raised before any work."""
+
+
 class ResultFuture(Protocol[T_co]):
     """What ``tinker``'s ``APIFuture`` and ``concurrent.futures.Future`` share."""
 

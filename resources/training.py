@@ -8,15 +8,13 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from kitchen.contract import ServiceClient
+from kitchen.contract import BackendUnavailableError, ServiceClient
 from kitchen.manifests import BaseModelManifest
+
+__all__ = ["BackendUnavailableError", "LocalBackend", "TrainingBackend"]
 
 if TYPE_CHECKING:
     from resources.local_engine import LocalServiceClient
-
-
-class BackendUnavailableError(RuntimeError):
-    """The backend cannot be used (missing credentials, unreachable service); raised before any work."""
 
 
 class TrainingBackend(dg.ConfigurableResource, ABC):

@@ -86,8 +86,8 @@ def _preflight(defs: Any) -> str | None:
     """A missing key, an unreachable service or registry: one line now, not a failed run later."""
     import dagster as dg
 
+    from kitchen.contract import BackendUnavailableError
     from kitchen.registry import RegistryError
-    from resources.training import BackendUnavailableError
 
     resources = defs.resources or {}
     try:

@@ -1,0 +1,1 @@
+"""Workflow modules loaded through ``KITCHEN_WORKFLOW_MODULES`` by the registry tests."""
