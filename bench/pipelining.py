@@ -35,7 +35,7 @@ from tinker import types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kitchen.contract import ResultFuture, ServiceClient, TrainingClient
+from kitchen.contract import CustomLossFn, ResultFuture, SamplingClient, ServiceClient, TrainingClient
 from kitchen.training.loop import Batch, TrainingSpec, run_training
 from resources.futures import resolved
 
@@ -104,6 +104,11 @@ class LatencyTrainingClient:
     ) -> Future[types.ForwardBackwardOutput]:
         return self._wire.send(lambda: self._inner.forward_backward(data, loss_fn, loss_fn_config))
 
+    def forward_backward_custom(
+        self, data: list[types.Datum], loss_fn: CustomLossFn
+    ) -> Future[types.ForwardBackwardOutput]:
+        return self._wire.send(lambda: self._inner.forward_backward_custom(data, loss_fn))
+
     def optim_step(
         self, optim_params: types.AdamParams | None = None, *, adam_params: types.AdamParams | None = None
     ) -> Future[types.OptimStepResponse]:
@@ -112,14 +117,11 @@ class LatencyTrainingClient:
     def save_state(self, name: str) -> Future[types.SaveWeightsResponse]:
         return self._wire.send(lambda: self._inner.save_state(name))
 
-    def load_state(self, path: str) -> Future[types.LoadWeightsResponse]:
-        return self._wire.send(lambda: self._inner.load_state(path))
-
-    def load_state_with_optimizer(self, path: str) -> Future[types.LoadWeightsResponse]:
-        return self._wire.send(lambda: self._inner.load_state_with_optimizer(path))
-
     def save_weights_for_sampler(self, name: str) -> Future[types.SaveWeightsForSamplerResponse]:
         return self._wire.send(lambda: self._inner.save_weights_for_sampler(name))
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None) -> Future[SamplingClient]:
+        return self._wire.send(lambda: self._inner.save_weights_and_get_sampling_client(name))
 
     def create_sampling_client(self, model_path: str) -> Any:
         time.sleep(2 * self._wire.one_way_s)

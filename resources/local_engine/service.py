@@ -9,11 +9,9 @@ import torch
 
 from kitchen.home import home_dir
 from resources.futures import run_now
-from resources.local_engine.checkpoints import read_state_info
 from resources.local_engine.runtime import EngineRuntime, check_model_dir, resolve_device, resolve_dtype
 from resources.local_engine.sampling import LocalSamplingClient, open_sampling_client
 from resources.local_engine.training import LocalTrainingClient
-from resources.local_engine.uris import path_from_uri
 
 
 class LocalServiceClient:
@@ -64,11 +62,11 @@ class LocalServiceClient:
 
     def create_training_client_from_state(self, path: str) -> Future[LocalTrainingClient]:
         """A new session holding a checkpoint's weights, with a fresh optimizer."""
-        return run_now(lambda: self._from_state(path, with_optimizer=False))
+        return run_now(lambda: LocalTrainingClient.from_state(self.runtime, path, with_optimizer=False))
 
     def create_training_client_from_state_with_optimizer(self, path: str) -> Future[LocalTrainingClient]:
         """A new session resuming a checkpoint exactly: weights, optimizer, step and RNG state."""
-        return run_now(lambda: self._from_state(path, with_optimizer=True))
+        return run_now(lambda: LocalTrainingClient.from_state(self.runtime, path, with_optimizer=True))
 
     def create_sampling_client(
         self, model_path: str | None = None, base_model: str | None = None
@@ -79,12 +77,3 @@ class LocalServiceClient:
 
     def close(self, status: str = "success", detail: str | None = None) -> None:
         """Nothing to release: clients free their threads when garbage-collected."""
-
-    def _from_state(self, path: str, *, with_optimizer: bool) -> LocalTrainingClient:
-        info = read_state_info(path_from_uri(path))
-        client = LocalTrainingClient(self.runtime, check_model_dir(info.base_model), info.rank, info.seed)
-        if with_optimizer:
-            client.load_state_with_optimizer(path).result()
-        else:
-            client.load_state(path).result()
-        return client
