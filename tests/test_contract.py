@@ -178,6 +178,14 @@ def test_types_in_and_out(backend: Backend) -> None:
     assert all(isinstance(x, float) and x <= 0 for x in logprobs[1:])
 
 
+def test_tokenizers_encode_and_decode(backend: Backend, base_sampler: SamplingClient) -> None:
+    client = _new_client(backend)
+    for tokenizer in (client.get_tokenizer(), base_sampler.get_tokenizer()):
+        ids = tokenizer.encode("hello world", add_special_tokens=False)
+        assert ids and all(isinstance(i, int) for i in ids)
+        assert tokenizer.decode(ids) == "hello world"
+
+
 # -- training numerics ---------------------------------------------------------------------------------------
 
 

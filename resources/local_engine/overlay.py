@@ -76,9 +76,9 @@ def snapshot_peft(peft_model: Any) -> LoraOverlay:
     return LoraOverlay(layers)
 
 
-def load_adapter(directory: Path, device: torch.device, dtype: torch.dtype) -> LoraOverlay:
+def load_adapter(directory: Path, device: torch.device) -> LoraOverlay:
     """The overlay of a PEFT adapter directory (``save_pretrained`` output), refusing any setting the
-    overlay would not reproduce exactly."""
+    overlay would not reproduce exactly. Tensors keep the dtype they were trained and saved in."""
     config = json.loads((directory / PEFT_CONFIG_FILE).read_text())
     unsupported = {
         "peft_type": config.get("peft_type") != "LORA",
@@ -99,7 +99,7 @@ def load_adapter(directory: Path, device: torch.device, dtype: torch.dtype) -> L
         module, dot, kind = key.removeprefix(_PEFT_PREFIX).removesuffix(".weight").rpartition(".")
         if not dot or kind not in ("lora_A", "lora_B") or not key.startswith(_PEFT_PREFIX):
             raise CheckpointError(f"adapter {directory}: unexpected tensor {key!r}")
-        pairs.setdefault(module, {})[kind] = tensor.to(device=device, dtype=dtype)
+        pairs.setdefault(module, {})[kind] = tensor.to(device)
     incomplete = sorted(name for name, pair in pairs.items() if len(pair) != 2)
     if incomplete or not pairs:
         raise CheckpointError(f"adapter {directory}: incomplete LoRA pairs {incomplete[:3] or 'none found'}")
@@ -138,7 +138,10 @@ def _add_lora(
     layer = overlay.layers.get(name) if overlay is not None else None
     if layer is None:
         return None
-    return output + F.linear(F.linear(args[0], layer.a), layer.b) * layer.scaling
+    # As PEFT does: the adapter runs in its own dtype (float32 under a bfloat16 base, where PEFT upcasts
+    # adapters), the sum is cast back to the layer's dtype.
+    delta = F.linear(F.linear(args[0].to(layer.a.dtype), layer.a), layer.b) * layer.scaling
+    return (output + delta).to(output.dtype)
 
 
 def _hooked(model: torch.nn.Module) -> _Hooked:

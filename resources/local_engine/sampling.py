@@ -282,5 +282,5 @@ def open_sampling_client(
     if base_model is not None and check_model_dir(base_model) != base_path:
         raise ValueError(f"sampler {model_path} was trained on {base_path}, not {base_model}")
     model = shared_base_model(base_path, runtime.device, runtime.dtype)
-    overlay = load_adapter(directory, runtime.device, runtime.dtype)
+    overlay = load_adapter(directory, runtime.device)
     return LocalSamplingClient(model, load_tokenizer(base_path), runtime, label=model_path, overlay=overlay)
