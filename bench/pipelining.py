@@ -35,7 +35,14 @@ from tinker import types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kitchen.contract import CustomLossFn, ResultFuture, SamplingClient, ServiceClient, TrainingClient
+from kitchen.contract import (
+    CustomLossFn,
+    ResultFuture,
+    SamplingClient,
+    ServiceClient,
+    SessionStatus,
+    TrainingClient,
+)
 from kitchen.training.loop import Batch, TrainingSpec, run_training
 from resources.futures import resolved
 
@@ -142,7 +149,7 @@ class LatencyService:
 
     def create_lora_training_client(
         self, base_model: str, rank: int = 32, seed: int | None = None
-    ) -> LatencyTrainingClient:
+    ) -> Future[LatencyTrainingClient]:
         self._round_trip()
         return resolved(
             LatencyTrainingClient(
@@ -150,7 +157,13 @@ class LatencyService:
             )
         )
 
-    def create_training_client_from_state_with_optimizer(self, path: str) -> LatencyTrainingClient:
+    def create_training_client_from_state(self, path: str) -> Future[LatencyTrainingClient]:
+        self._round_trip()
+        return resolved(
+            LatencyTrainingClient(self._inner.create_training_client_from_state(path).result(), self._wire)
+        )
+
+    def create_training_client_from_state_with_optimizer(self, path: str) -> Future[LatencyTrainingClient]:
         self._round_trip()
         return resolved(
             LatencyTrainingClient(
@@ -161,6 +174,10 @@ class LatencyService:
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> Any:
         self._round_trip()
         return self._inner.create_sampling_client(model_path=model_path, base_model=base_model)
+
+    def close(self, status: SessionStatus = "success", detail: str | None = None) -> None:
+        self._round_trip()
+        self._inner.close(status, detail)
 
 
 def _batches(vocab: int, steps: int, batch: int, length: int) -> list[Batch]:

@@ -123,7 +123,10 @@ def _run(args: argparse.Namespace, work: Path) -> None:
     tokens = [rng.randrange(vocab) for _ in range(256)]
     datum = types.Datum(
         model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * 255},
+        loss_fn_inputs={
+            "target_tokens": types.TensorData(data=tokens[1:], dtype="int64", shape=[255]),
+            "weights": types.TensorData(data=[1.0] * 255, dtype="float32", shape=[255]),
+        },
     )
     client.forward_backward([datum], "cross_entropy")
     client.optim_step(types.AdamParams(learning_rate=1e-3)).result()  # a trained adapter: B is not zero
