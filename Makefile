@@ -46,6 +46,7 @@ ui: setup
 bench: setup
 	$(BIN)/python bench/training_throughput.py
 	$(BIN)/python bench/pipelining.py
+	$(BIN)/python bench/sampling_snapshot.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -35,7 +35,14 @@ from tinker import types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kitchen.contract import ResultFuture, ServiceClient, TrainingClient
+from kitchen.contract import (
+    CustomLossFn,
+    ResultFuture,
+    SamplingClient,
+    ServiceClient,
+    SessionStatus,
+    TrainingClient,
+)
 from kitchen.training.loop import Batch, TrainingSpec, run_training
 from resources.futures import resolved
 
@@ -104,6 +111,11 @@ class LatencyTrainingClient:
     ) -> Future[types.ForwardBackwardOutput]:
         return self._wire.send(lambda: self._inner.forward_backward(data, loss_fn, loss_fn_config))
 
+    def forward_backward_custom(
+        self, data: list[types.Datum], loss_fn: CustomLossFn
+    ) -> Future[types.ForwardBackwardOutput]:
+        return self._wire.send(lambda: self._inner.forward_backward_custom(data, loss_fn))
+
     def optim_step(
         self, optim_params: types.AdamParams | None = None, *, adam_params: types.AdamParams | None = None
     ) -> Future[types.OptimStepResponse]:
@@ -112,14 +124,11 @@ class LatencyTrainingClient:
     def save_state(self, name: str) -> Future[types.SaveWeightsResponse]:
         return self._wire.send(lambda: self._inner.save_state(name))
 
-    def load_state(self, path: str) -> Future[types.LoadWeightsResponse]:
-        return self._wire.send(lambda: self._inner.load_state(path))
-
-    def load_state_with_optimizer(self, path: str) -> Future[types.LoadWeightsResponse]:
-        return self._wire.send(lambda: self._inner.load_state_with_optimizer(path))
-
     def save_weights_for_sampler(self, name: str) -> Future[types.SaveWeightsForSamplerResponse]:
         return self._wire.send(lambda: self._inner.save_weights_for_sampler(name))
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None) -> Future[SamplingClient]:
+        return self._wire.send(lambda: self._inner.save_weights_and_get_sampling_client(name))
 
     def create_sampling_client(self, model_path: str) -> Any:
         time.sleep(2 * self._wire.one_way_s)
@@ -140,7 +149,7 @@ class LatencyService:
 
     def create_lora_training_client(
         self, base_model: str, rank: int = 32, seed: int | None = None
-    ) -> LatencyTrainingClient:
+    ) -> Future[LatencyTrainingClient]:
         self._round_trip()
         return resolved(
             LatencyTrainingClient(
@@ -148,7 +157,13 @@ class LatencyService:
             )
         )
 
-    def create_training_client_from_state_with_optimizer(self, path: str) -> LatencyTrainingClient:
+    def create_training_client_from_state(self, path: str) -> Future[LatencyTrainingClient]:
+        self._round_trip()
+        return resolved(
+            LatencyTrainingClient(self._inner.create_training_client_from_state(path).result(), self._wire)
+        )
+
+    def create_training_client_from_state_with_optimizer(self, path: str) -> Future[LatencyTrainingClient]:
         self._round_trip()
         return resolved(
             LatencyTrainingClient(
@@ -159,6 +174,10 @@ class LatencyService:
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> Any:
         self._round_trip()
         return self._inner.create_sampling_client(model_path=model_path, base_model=base_model)
+
+    def close(self, status: SessionStatus = "success", detail: str | None = None) -> None:
+        self._round_trip()
+        self._inner.close(status, detail)
 
 
 def _batches(vocab: int, steps: int, batch: int, length: int) -> list[Batch]:

@@ -29,7 +29,7 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 from tinker import types
 
-from kitchen.contract import ResultFuture
+from kitchen.contract import CustomLossFn, ResultFuture
 from kitchen.hashing import hash_json
 from kitchen.manifests import BaseModelManifest
 from resources.futures import run_now
@@ -254,10 +254,17 @@ class _Session:
 
 
 class BoundedFuture(Generic[T]):
-    """An SDK future whose ``result()`` waits at most ``request_timeout_s`` unless told otherwise."""
+    """An SDK future whose ``result()`` waits at most ``request_timeout_s`` unless told otherwise; ``convert``
+    wraps the SDK's value (a sampling client becomes a bounded one)."""
 
-    def __init__(self, inner: ResultFuture[T], session: _Session, what: str) -> None:
-        self._inner, self._session, self._what = inner, session, what
+    def __init__(
+        self,
+        inner: ResultFuture[Any],
+        session: _Session,
+        what: str,
+        convert: Callable[[Any], T] | None = None,
+    ) -> None:
+        self._inner, self._session, self._what, self._convert = inner, session, what, convert
 
     def result(self, timeout: float | None = None) -> T:
         if timeout is None:
@@ -265,7 +272,7 @@ class BoundedFuture(Generic[T]):
             # outage into max_in_flight outages.
             timeout = 0.0 if self._session.dead_reason else self._session.request_timeout_s
         try:
-            return self._inner.result(timeout)
+            value = self._inner.result(timeout)
         except TimeoutError:
             raise self._session.timed_out(self._what) from None
         except Exception as err:
@@ -273,6 +280,7 @@ class BoundedFuture(Generic[T]):
             if scrubbed is err:
                 raise
             raise scrubbed from None
+        return self._convert(value) if self._convert is not None else value
 
 
 class TinkerSamplingClient:
@@ -301,7 +309,10 @@ class TinkerSamplingClient:
 
 
 class TinkerTrainingClient:
-    """The SDK's training client with bounded futures; sampling clients come back resolved."""
+    """The SDK's training client with bounded futures; ``create_sampling_client`` comes back resolved.
+
+    Checkpoints load through the service (``create_training_client_from_state[_with_optimizer]``): the
+    SDK deprecated ``TrainingClient.load_state*`` in 0.38, so this wrapper does not offer them."""
 
     def __init__(self, inner: Any, session: _Session) -> None:
         self._inner, self._session = inner, session
@@ -319,6 +330,11 @@ class TinkerTrainingClient:
     ) -> BoundedFuture[types.ForwardBackwardOutput]:
         return self._bound("forward_backward", self._inner.forward_backward(data, loss_fn, loss_fn_config))
 
+    def forward_backward_custom(
+        self, data: list[types.Datum], loss_fn: CustomLossFn
+    ) -> BoundedFuture[types.ForwardBackwardOutput]:
+        return self._bound("forward_backward_custom", self._inner.forward_backward_custom(data, loss_fn))
+
     def optim_step(
         self, optim_params: types.AdamParams | None = None, *, adam_params: types.AdamParams | None = None
     ) -> BoundedFuture[types.OptimStepResponse]:
@@ -327,14 +343,19 @@ class TinkerTrainingClient:
     def save_state(self, name: str) -> BoundedFuture[types.SaveWeightsResponse]:
         return self._bound("save_state", self._inner.save_state(name))
 
-    def load_state(self, path: str) -> BoundedFuture[types.LoadWeightsResponse]:
-        return self._bound("load_state", self._inner.load_state(path))
-
-    def load_state_with_optimizer(self, path: str) -> BoundedFuture[types.LoadWeightsResponse]:
-        return self._bound("load_state_with_optimizer", self._inner.load_state_with_optimizer(path))
-
     def save_weights_for_sampler(self, name: str) -> BoundedFuture[types.SaveWeightsForSamplerResponse]:
         return self._bound("save_weights_for_sampler", self._inner.save_weights_for_sampler(name))
+
+    def save_weights_and_get_sampling_client(
+        self, name: str | None = None
+    ) -> BoundedFuture[TinkerSamplingClient]:
+        """Not awaited here: the SDK orders the snapshot after every request submitted before it."""
+        return BoundedFuture(
+            self._inner.save_weights_and_get_sampling_client(name),
+            self._session,
+            "save_weights_and_get_sampling_client",
+            lambda sdk_client: TinkerSamplingClient(sdk_client, self._session),
+        )
 
     def create_sampling_client(self, model_path: str) -> Future[TinkerSamplingClient]:
         return run_now(

@@ -187,7 +187,12 @@ def test_logprobs_agree_across_sample_prompt_logprobs_and_compute_logprobs(
     seq = response.sequences[0]
     scored = sampler.compute_logprobs(types.ModelInput.from_ints([*prompt.to_ints(), *seq.tokens])).result()
     assert scored[0] is None and response.prompt_logprobs is not None
-    assert response.prompt_logprobs == scored[: prompt.length]
+    assert response.prompt_logprobs[0] is None and len(response.prompt_logprobs) == prompt.length
+    # Not bit-equal: the prompt was scored alone and as the prefix of a longer sequence, and matmul kernels
+    # block and sum differently for different shapes (float32 rounding: up to ~5e-7 on the tiny model).
+    torch.testing.assert_close(
+        torch.tensor(response.prompt_logprobs[1:]), torch.tensor(scored[1 : prompt.length]), atol=1e-5, rtol=0
+    )
     assert seq.logprobs is not None
     torch.testing.assert_close(
         torch.tensor(seq.logprobs), torch.tensor(scored[prompt.length :]), atol=1e-5, rtol=0

@@ -253,6 +253,10 @@ class _FakeSdkService:
         future.set_result(self.training)
         return future
 
+    def create_training_client_from_state(self, path: str) -> Future[Any]:
+        self.loaded_weights_only = path
+        return resolved(self.training)
+
     def create_training_client_from_state_with_optimizer(self, path: str) -> Future[Any]:
         return Future()  # a service that accepted the request and went silent
 
@@ -261,9 +265,64 @@ def test_service_client_resolves_client_futures_and_bounds_them() -> None:
     sdk = _FakeSdkService()
     service = TinkerServiceClient(sdk, _Session(request_timeout_s=0.3, secret=CANARY))
     assert service.create_lora_training_client("m", rank=4, seed=0).result()._inner is sdk.training
+    path = "tinker://run/weights/step-2"
+    assert service.create_training_client_from_state(path).result()._inner is sdk.training
+    assert sdk.loaded_weights_only == path
     started = time.perf_counter()
     with pytest.raises(TinkerRequestTimeout, match="create_training_client_from_state_with_optimizer"):
         service.create_training_client_from_state_with_optimizer("tinker://run/weights/step-2").result()
+    assert time.perf_counter() - started < 1.5
+
+
+class _FakeSdkTraining:
+    """The SDK training client's shape for the two calls the wrapper adds; futures are set by the test."""
+
+    def __init__(self) -> None:
+        self.custom: list[tuple[Any, Any]] = []
+        self.snapshots: list[tuple[str | None, Future[Any]]] = []
+        self.custom_result: Future[Any] = Future()
+
+    def forward_backward_custom(self, data: Any, loss_fn: Any) -> Future[Any]:
+        self.custom.append((data, loss_fn))
+        return self.custom_result
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None) -> Future[Any]:
+        future: Future[Any] = Future()
+        self.snapshots.append((name, future))
+        return future
+
+
+def test_training_client_passes_custom_losses_and_snapshots_through_bounded() -> None:
+    from kitchen.contract import SamplingClient, TrainingClient
+    from resources.tinker_backend import TinkerSamplingClient, TinkerTrainingClient
+
+    sdk = _FakeSdkTraining()
+    client = TinkerTrainingClient(sdk, _Session(request_timeout_s=0.3, secret=CANARY))
+    assert isinstance(client, TrainingClient)
+    # Deprecated in tinker 0.38; checkpoints load through ServiceClient.create_training_client_from_state*.
+    assert not hasattr(client, "load_state") and not hasattr(client, "load_state_with_optimizer")
+
+    data, loss_fn = [object()], lambda d, lp: (lp[0].sum(), {})
+    custom = client.forward_backward_custom(data, loss_fn)  # type: ignore[arg-type]
+    assert sdk.custom == [(data, loss_fn)]
+    sdk.custom_result.set_exception(RuntimeError(f"custom loss failed; X-API-Key: {CANARY}"))
+    with pytest.raises(TinkerRequestError) as raised:
+        custom.result()
+    assert CANARY not in str(raised.value)
+
+    snapshot = client.save_weights_and_get_sampling_client()  # returns before the snapshot exists
+    (name, pending), sdk_sampler = sdk.snapshots[0], object()
+    assert name is None and not pending.done()
+    pending.set_result(sdk_sampler)
+    sampler = snapshot.result()
+    assert isinstance(sampler, TinkerSamplingClient) and isinstance(sampler, SamplingClient)
+    assert sampler._inner is sdk_sampler
+
+    client.save_weights_and_get_sampling_client("named")
+    assert sdk.snapshots[1][0] == "named"
+    started = time.perf_counter()
+    with pytest.raises(TinkerRequestTimeout, match="save_weights_and_get_sampling_client did not finish"):
+        client.save_weights_and_get_sampling_client().result()
     assert time.perf_counter() - started < 1.5
 
 

@@ -2,19 +2,28 @@
 
 A loss receives, per datum, the log-probabilities the model assigns to ``target_tokens`` plus that
 datum's other per-token ``loss_fn_inputs``, and returns a scalar to differentiate, per-datum outputs
-and metrics. Tinker's built-in losses are sums over datums, so the engine may split a batch into
-micro-batches and accumulate gradients; a loss that couples datums would have to say so here.
-DPO and RL losses are added by registering another ``LossFn``.
+and metrics. Tinker's built-in losses are per-token sums over datums, so the engine may split a batch
+into micro-batches and accumulate gradients; a loss that couples datums goes through
+``forward_backward_custom`` instead.
+
+The formulas and ``loss_fn_config`` defaults are Tinker's documented ones (tinker-docs, "Loss
+functions"): PPO clips the ratio to [0.8, 1.2], CISPO to [0.0, 4.0]. Tinker documents no default for
+DRO's ``beta``, so here it is required rather than guessed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 LossConfig = Mapping[str, float | str]
+"""``loss_fn_config`` as callers pass it (the SDK's type)."""
+Config = Mapping[str, float]
+"""A checked config with every default filled in: what a loss computes with."""
+Inputs = Mapping[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -28,7 +37,7 @@ class LossOutput:
 
 
 LossCompute = Callable[
-    [Sequence[torch.Tensor], Sequence[Mapping[str, torch.Tensor]], LossConfig, torch.Generator],
+    [Sequence[torch.Tensor], Sequence[Inputs], Config, torch.Generator],
     LossOutput,
 ]
 
@@ -38,48 +47,125 @@ class LossFn:
     name: str
     inputs: tuple[str, ...]
     """Per-token ``loss_fn_inputs`` a datum must carry (always including ``target_tokens``)."""
-    config_keys: frozenset[str]
     compute: LossCompute
+    config: Mapping[str, float | None] = field(default_factory=dict)
+    """Accepted ``loss_fn_config`` keys and their defaults; ``None`` marks a required key."""
+    check: Callable[[Config], None] | None = None
+    """Relations between config values (e.g. low <= high), raising ``ValueError``."""
 
-    def check_config(self, config: LossConfig | None) -> LossConfig:
-        config = dict(config or {})
-        unknown = sorted(set(config) - self.config_keys)
+    def check_config(self, config: LossConfig | None) -> dict[str, float]:
+        """The full config, defaults filled in, or one ``ValueError`` naming what is wrong."""
+        given = dict(config or {})
+        unknown = sorted(set(given) - set(self.config))
         if unknown:
-            accepted = sorted(self.config_keys) or "none"
+            accepted = sorted(self.config) or "none"
             raise ValueError(
                 f"loss {self.name!r} got unknown loss_fn_config keys {unknown}; accepts {accepted}"
             )
-        return config
+        resolved: dict[str, float] = {}
+        for key, default in self.config.items():
+            value = given.get(key, default)
+            if value is None:
+                raise ValueError(f"loss {self.name!r} needs loss_fn_config[{key!r}] (no default)")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(
+                    f"loss {self.name!r}: loss_fn_config[{key!r}] must be a finite number, got {value!r}"
+                )
+            resolved[key] = float(value)
+        if self.check is not None:
+            self.check(resolved)
+        return resolved
 
 
-def _cross_entropy(
-    logprobs: Sequence[torch.Tensor],
-    inputs: Sequence[Mapping[str, torch.Tensor]],
-    config: LossConfig,
-    generator: torch.Generator,
-) -> LossOutput:
-    """Tinker's ``cross_entropy``: the sum over datums and tokens of ``-weights * logprobs``.
+PerToken = Callable[[torch.Tensor, Inputs, Config], torch.Tensor]
 
-    A sum, not a mean: normalising (per token, per sequence) is the caller's choice, made through
-    the weights, exactly as on the Tinker service.
-    """
-    total = torch.stack(
-        [-(inp["weights"] * lp).sum() for lp, inp in zip(logprobs, inputs, strict=True)]
-    ).sum()
-    return LossOutput(
-        loss=total,
-        outputs=[{"logprobs": lp.detach()} for lp in logprobs],
-        metrics={"loss:sum": float(total.detach())},
-    )
 
+def _summed(per_token: PerToken) -> LossCompute:
+    """A loss that is the sum over datums and tokens of ``per_token``; outputs the logprobs, as Tinker's
+    built-ins all do."""
+
+    def compute(
+        logprobs: Sequence[torch.Tensor], inputs: Sequence[Inputs], config: Config, _: torch.Generator
+    ) -> LossOutput:
+        total = torch.stack(
+            [per_token(lp, inp, config).sum() for lp, inp in zip(logprobs, inputs, strict=True)]
+        ).sum()
+        return LossOutput(
+            loss=total,
+            outputs=[{"logprobs": lp.detach()} for lp in logprobs],
+            metrics={"loss:sum": float(total.detach())},
+        )
+
+    return compute
+
+
+def _cross_entropy(lp: torch.Tensor, inp: Inputs, config: Config) -> torch.Tensor:
+    """``-weights * logprobs``. A sum, not a mean: normalising (per token, per sequence) is the caller's
+    choice, made through the weights, exactly as on the Tinker service."""
+    return -(inp["weights"] * lp)
+
+
+def _ratio(lp: torch.Tensor, inp: Inputs) -> torch.Tensor:
+    """``p_theta / q`` per token, ``q`` being the sampler's logprobs the datum carries."""
+    return torch.exp(lp - inp["logprobs"])
+
+
+def _importance_sampling(lp: torch.Tensor, inp: Inputs, config: Config) -> torch.Tensor:
+    return -(_ratio(lp, inp) * inp["advantages"])
+
+
+def _ppo(lp: torch.Tensor, inp: Inputs, config: Config) -> torch.Tensor:
+    ratio, advantages = _ratio(lp, inp), inp["advantages"]
+    clipped = torch.clamp(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
+    return -torch.minimum(ratio * advantages, clipped * advantages)
+
+
+def _cispo(lp: torch.Tensor, inp: Inputs, config: Config) -> torch.Tensor:
+    """The clipped ratio is a constant coefficient (stop-gradient): every token keeps a gradient."""
+    clipped = torch.clamp(_ratio(lp, inp), config["clip_low_threshold"], config["clip_high_threshold"])
+    return -(clipped.detach() * lp * inp["advantages"])
+
+
+def _dro(lp: torch.Tensor, inp: Inputs, config: Config) -> torch.Tensor:
+    return -(lp * inp["advantages"] - 0.5 * config["beta"] * (lp - inp["logprobs"]) ** 2)
+
+
+def _check_clip(config: Config) -> None:
+    low, high = config["clip_low_threshold"], config["clip_high_threshold"]
+    if not 0 <= low <= high:
+        raise ValueError(
+            f"clip thresholds must satisfy 0 <= clip_low_threshold <= clip_high_threshold, got {low}, {high}"
+        )
+
+
+def _check_beta(config: Config) -> None:
+    if config["beta"] < 0:
+        raise ValueError(f"dro: beta must be >= 0, got {config['beta']}")
+
+
+_RL_INPUTS = ("target_tokens", "logprobs", "advantages")
 
 LOSS_FNS: dict[str, LossFn] = {
-    "cross_entropy": LossFn(
-        name="cross_entropy",
-        inputs=("target_tokens", "weights"),
-        config_keys=frozenset(),
-        compute=_cross_entropy,
-    ),
+    loss.name: loss
+    for loss in (
+        LossFn("cross_entropy", ("target_tokens", "weights"), _summed(_cross_entropy)),
+        LossFn("importance_sampling", _RL_INPUTS, _summed(_importance_sampling)),
+        LossFn(
+            "ppo",
+            _RL_INPUTS,
+            _summed(_ppo),
+            config={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+            check=_check_clip,
+        ),
+        LossFn(
+            "cispo",
+            _RL_INPUTS,
+            _summed(_cispo),
+            config={"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
+            check=_check_clip,
+        ),
+        LossFn("dro", _RL_INPUTS, _summed(_dro), config={"beta": None}, check=_check_beta),
+    )
 }
 
 

@@ -87,8 +87,8 @@ def shared_base_model(path: Path, device: torch.device, dtype: torch.dtype) -> A
     """One frozen, eval-mode copy of a base model per process, for sampling.
 
     Evaluating the base model and then several trained adapters would otherwise reload the weights
-    each time. Nothing may mutate this copy: adapter samplers deep-copy it before merging, and
-    training clients load their own.
+    each time. Nothing may mutate its weights: samplers on trained weights apply their adapter as an
+    overlay (``overlay.applied``), and training clients load their own copy.
     """
     key = (path, str(device), dtype)
     with _BASE_CACHE_LOCK:

@@ -5,11 +5,13 @@ waiting, expands them into rows (one per sample) and generates them together in 
 of up to ``max_sampling_batch`` rows. Evaluation code submits all its prompts before awaiting any
 result (as it must to pipeline against Tinker), so hundreds of prompts become a handful of batches.
 ``compute_logprobs`` and prompt logprobs are batched the same way through the shared scorer.
+
+Every sampler runs the process's one shared base model; a sampler on trained weights carries them as a
+``LoraOverlay`` (a few MB) applied while it runs, never as a copy of the model.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import secrets
 import threading
@@ -18,7 +20,6 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from tinker import types
 
 from resources.local_engine.checkpoints import read_sampler
 from resources.local_engine.generation import RowParams, RowResult, check_sampling_params, generate, stop_rule
+from resources.local_engine.overlay import LoraOverlay, applied, check_fits, load_adapter
 from resources.local_engine.runtime import (
     EngineRuntime,
     check_model_dir,
@@ -49,10 +51,21 @@ class _Request:
 
 
 class LocalSamplingClient:
-    """Samples from, and scores with, one fixed set of weights held in memory."""
+    """Samples from, and scores with, one fixed set of weights: a base model, plus ``overlay`` if given."""
 
-    def __init__(self, model: Any, tokenizer: Any, runtime: EngineRuntime, *, label: str) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        runtime: EngineRuntime,
+        *,
+        label: str,
+        overlay: LoraOverlay | None = None,
+    ) -> None:
+        if overlay is not None:
+            check_fits(model, overlay)
         self._model = model
+        self._overlay = overlay
         self._tokenizer = tokenizer
         self._runtime = runtime
         self.label = label
@@ -147,7 +160,8 @@ class LocalSamplingClient:
             chunk = rows[start : start + batch]
             self.batch_sizes.append(len(chunk))
             params = [row for _, _, row in chunk]
-            results = generate(self._model, self._tokenizer, params, self._runtime.device, self._pad_id)
+            with applied(self._model, self._overlay):
+                results = generate(self._model, self._tokenizer, params, self._runtime.device, self._pad_id)
             for (request, index, _), result in zip(chunk, results, strict=True):
                 done = finished[id(request)]
                 done[index] = result
@@ -182,9 +196,9 @@ class LocalSamplingClient:
                 indices = [order[j] for j in chunk]
                 inputs = [prompts[i][:-1] for i in indices]
                 targets = [torch.as_tensor(prompts[i][1:], dtype=torch.long) for i in indices]
-                for i, lp in zip(
-                    indices, target_logprobs(self._model, inputs, targets, self._runtime.device), strict=True
-                ):
+                with applied(self._model, self._overlay):
+                    logprobs = target_logprobs(self._model, inputs, targets, self._runtime.device)
+                for i, lp in zip(indices, logprobs, strict=True):
                     scored[i].extend(float(x) for x in lp.cpu())
         return scored
 
@@ -249,10 +263,10 @@ def _pad_id(tokenizer: Any, eos_ids: frozenset[int]) -> int:
 def open_sampling_client(
     runtime: EngineRuntime, *, model_path: str | None = None, base_model: str | None = None
 ) -> LocalSamplingClient:
-    """A sampling client on a base model, or on a sampler checkpoint's adapter merged into its base.
+    """A sampling client on a base model, or on a sampler checkpoint's adapter over its base.
 
-    The base comes from the per-process cache; an adapter is merged into a deep copy of it, so the
-    cached base (and any training client's model) is never touched.
+    Either way the model is the per-process shared base; the adapter is loaded as an overlay, so opening
+    one costs its adapter's size, not the model's.
     """
     if model_path is None and base_model is None:
         raise ValueError("create_sampling_client needs model_path or base_model")
@@ -267,15 +281,6 @@ def open_sampling_client(
     base_path = check_model_dir(info.base_model)
     if base_model is not None and check_model_dir(base_model) != base_path:
         raise ValueError(f"sampler {model_path} was trained on {base_path}, not {base_model}")
-    model = _merged_adapter_model(base_path, directory, runtime)
-    return LocalSamplingClient(model, load_tokenizer(base_path), runtime, label=model_path)
-
-
-def _merged_adapter_model(base_path: Path, adapter_dir: Path, runtime: EngineRuntime) -> Any:
-    from peft import PeftModel
-
-    model = copy.deepcopy(shared_base_model(base_path, runtime.device, runtime.dtype))
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    merged.eval()
-    merged.requires_grad_(False)
-    return merged
+    model = shared_base_model(base_path, runtime.device, runtime.dtype)
+    overlay = load_adapter(directory, runtime.device)
+    return LocalSamplingClient(model, load_tokenizer(base_path), runtime, label=model_path, overlay=overlay)

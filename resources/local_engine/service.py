@@ -10,12 +10,7 @@ import torch
 from kitchen.hashing import hash_file
 from kitchen.home import home_dir
 from resources.futures import run_now
-from resources.local_engine.checkpoints import (
-    PEFT_WEIGHTS_FILE,
-    STATE_MANIFEST,
-    read_sampler,
-    read_state_info,
-)
+from resources.local_engine.checkpoints import PEFT_WEIGHTS_FILE, STATE_MANIFEST, read_sampler
 from resources.local_engine.runtime import EngineRuntime, check_model_dir, resolve_device, resolve_dtype
 from resources.local_engine.sampling import LocalSamplingClient, open_sampling_client
 from resources.local_engine.training import LocalTrainingClient
@@ -70,11 +65,11 @@ class LocalServiceClient:
 
     def create_training_client_from_state(self, path: str) -> Future[LocalTrainingClient]:
         """A new session holding a checkpoint's weights, with a fresh optimizer."""
-        return run_now(lambda: self._from_state(path, with_optimizer=False))
+        return run_now(lambda: LocalTrainingClient.from_state(self.runtime, path, with_optimizer=False))
 
     def create_training_client_from_state_with_optimizer(self, path: str) -> Future[LocalTrainingClient]:
         """A new session resuming a checkpoint exactly: weights, optimizer, step and RNG state."""
-        return run_now(lambda: self._from_state(path, with_optimizer=True))
+        return run_now(lambda: LocalTrainingClient.from_state(self.runtime, path, with_optimizer=True))
 
     def create_sampling_client(
         self, model_path: str | None = None, base_model: str | None = None
@@ -103,12 +98,3 @@ class LocalServiceClient:
         set_peft_model_state_dict(client.peft_model, load_file(str(directory / PEFT_WEIGHTS_FILE)))
         client.save_state_to(target)
         return uri_for_path(target)
-
-    def _from_state(self, path: str, *, with_optimizer: bool) -> LocalTrainingClient:
-        info = read_state_info(path_from_uri(path))
-        client = LocalTrainingClient(self.runtime, check_model_dir(info.base_model), info.rank, info.seed)
-        if with_optimizer:
-            client.load_state_with_optimizer(path).result()
-        else:
-            client.load_state(path).result()
-        return client

@@ -4,6 +4,8 @@ Every call is validated where it is made (bad input raises at once) and then que
 single worker thread, which runs the work in submission order and resolves the returned future.
 That is what lets the training loop pipeline: it submits ``forward_backward`` and ``optim_step``
 for the next batch before awaiting the current one, exactly as it does against the Tinker service.
+``forward_backward_custom`` and ``save_weights_and_get_sampling_client`` are queued the same way, so a
+snapshot taken after step N's ``optim_step`` holds the weights after step N.
 """
 
 from __future__ import annotations
@@ -20,17 +22,27 @@ from typing import Any
 import torch
 from tinker import types
 
+from kitchen.contract import CustomLossFn
 from resources.futures import run_now
 from resources.local_engine.checkpoints import (
     CheckpointError,
     SamplerInfo,
     StateInfo,
+    read_state_info,
     read_training_state,
     write_sampler,
     write_training_state,
 )
-from resources.local_engine.losses import LossConfig, LossFn, combine_metrics, get_loss_fn
-from resources.local_engine.runtime import EngineRuntime, load_model, load_tokenizer, vocab_size
+from resources.local_engine.losses import Config, LossConfig, LossFn, combine_metrics, get_loss_fn
+from resources.local_engine.overlay import snapshot_peft
+from resources.local_engine.runtime import (
+    EngineRuntime,
+    check_model_dir,
+    load_model,
+    load_tokenizer,
+    shared_base_model,
+    vocab_size,
+)
 from resources.local_engine.sampling import LocalSamplingClient, open_sampling_client
 from resources.local_engine.scoring import target_logprobs, token_budget_chunks
 from resources.local_engine.uris import check_checkpoint_name, path_from_uri, uri_for_path
@@ -102,12 +114,23 @@ class LocalTrainingClient:
         self._runtime = runtime
         self._model = _lora_model(base_model, rank, self.seed, runtime)
         self._params = [(name, p) for name, p in self._model.named_parameters() if p.requires_grad]
-        self._optimizer = self._new_optimizer()
+        # Hyperparameters are set from each optim_step's AdamParams; these are placeholders.
+        self._optimizer = torch.optim.AdamW([p for _, p in self._params], lr=0.0, weight_decay=0.0)
         self._generator = torch.Generator().manual_seed(self.seed)
         """Handed to loss functions for any randomness they need; saved and restored with the state."""
         self._step = 0
         self._vocab = vocab_size(self._model)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kitchen-train")
+
+    @classmethod
+    def from_state(cls, runtime: EngineRuntime, uri: str, *, with_optimizer: bool) -> LocalTrainingClient:
+        """A new session holding a ``save_state`` checkpoint: its weights, and with ``with_optimizer`` its
+        AdamW moments, step counter and RNG state too (training then resumes bit for bit)."""
+        directory = path_from_uri(uri)
+        info = read_state_info(directory)
+        client = cls(runtime, check_model_dir(info.base_model), info.rank, info.seed)
+        client._load(directory, with_optimizer)
+        return client
 
     @property
     def session_dir(self) -> Path:
@@ -145,17 +168,29 @@ class LocalTrainingClient:
         check_checkpoint_name(name)
         return self._executor.submit(self._save_state, name)
 
-    def load_state(self, path: str) -> Future[types.LoadWeightsResponse]:
-        """Weights only: the optimizer restarts from scratch (fresh moments), as on Tinker."""
-        return self._executor.submit(self._load, path, path_from_uri(path), False)
-
-    def load_state_with_optimizer(self, path: str) -> Future[types.LoadWeightsResponse]:
-        """Weights, AdamW moments, step counter and RNG state: training resumes bit for bit."""
-        return self._executor.submit(self._load, path, path_from_uri(path), True)
-
     def save_weights_for_sampler(self, name: str) -> Future[types.SaveWeightsForSamplerResponse]:
         check_checkpoint_name(name)
         return self._executor.submit(self._save_sampler, name)
+
+    def forward_backward_custom(
+        self, data: list[types.Datum], loss_fn: CustomLossFn
+    ) -> Future[types.ForwardBackwardOutput]:
+        """The SDK's semantics: a ``cross_entropy`` forward gives each datum's logprobs, ``loss_fn`` sees
+        them as tensors that require grad (with the datums as given), and a ``cross_entropy`` backward with
+        ``weights = -dL/dlogprobs`` puts ``dL/dparams`` into the accumulated gradients. Datums need only
+        ``target_tokens``; ``weights`` default to zeros, any other inputs are for ``loss_fn`` alone."""
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (data, logprobs) -> (loss, metrics), got {loss_fn!r}")
+        datums = prepare_datums(_custom_loss_forward_data(data), _CROSS_ENTROPY, self._vocab)
+        return self._executor.submit(self._run_custom, list(data), loss_fn, datums)
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None) -> Future[LocalSamplingClient]:
+        """A sampler on a copy of the LoRA weights as of this call's turn in the queue, over the shared base
+        model: nothing is written and the base is not copied, so it is cheap enough for every RL step.
+        ``name`` only labels the client (on Tinker the argument is deprecated and has no effect)."""
+        if name is not None:
+            check_checkpoint_name(name)
+        return self._executor.submit(self._snapshot_sampler, name)
 
     def create_sampling_client(self, model_path: str) -> Future[LocalSamplingClient]:
         return run_now(lambda: open_sampling_client(self._runtime, model_path=model_path))
@@ -167,13 +202,13 @@ class LocalTrainingClient:
 
     def _prepare(
         self, data: Sequence[types.Datum], loss_fn: str, loss_fn_config: LossConfig | None
-    ) -> tuple[LossFn, LossConfig, list[PreparedDatum]]:
+    ) -> tuple[LossFn, Config, list[PreparedDatum]]:
         loss = get_loss_fn(loss_fn)
         config = loss.check_config(loss_fn_config)
         return loss, config, prepare_datums(data, loss, self._vocab)
 
     def _run_loss(
-        self, loss: LossFn, config: LossConfig, datums: list[PreparedDatum], backward: bool
+        self, loss: LossFn, config: Config, datums: list[PreparedDatum], backward: bool
     ) -> types.ForwardBackwardOutput:
         """Micro-batches under the token budget; the loss is a sum, so their gradients just add."""
         device = self._runtime.device
@@ -199,6 +234,39 @@ class LocalTrainingClient:
             ],
             metrics=combine_metrics(metrics),
         )
+
+    def _run_custom(
+        self, data: list[types.Datum], loss_fn: CustomLossFn, datums: list[PreparedDatum]
+    ) -> types.ForwardBackwardOutput:
+        forward = self._run_loss(_CROSS_ENTROPY, {}, datums, backward=False)
+        logprobs = [o["logprobs"].to_torch().clone().requires_grad_(True) for o in forward.loss_fn_outputs]
+        loss, user_metrics = loss_fn(data, logprobs)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            raise ValueError(
+                "forward_backward_custom: loss_fn must return a scalar tensor computed from the logprobs, "
+                f"got {type(loss).__name__}"
+                + (f" of shape {list(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+            )
+        loss.backward()
+        weighted = []
+        for index, (datum, lp) in enumerate(zip(datums, logprobs, strict=True)):
+            if lp.grad is None or not bool(torch.isfinite(lp.grad).all()):
+                problem = "no gradient" if lp.grad is None else "a non-finite gradient"
+                raise ValueError(f"forward_backward_custom: the loss gave datum {index}'s logprobs {problem}")
+            inputs = {"target_tokens": datum.inputs["target_tokens"], "weights": -lp.grad}
+            weighted.append(PreparedDatum(tokens=datum.tokens, inputs=inputs))
+        output = self._run_loss(_CROSS_ENTROPY, {}, weighted, backward=True)
+        surrogate = output.metrics.pop("loss:sum")
+        output.metrics.update({key: float(value) for key, value in user_metrics.items()})
+        output.metrics["loss:sum"] = float(loss.detach())
+        output.metrics["surrogate_loss:sum"] = surrogate
+        return output
+
+    def _snapshot_sampler(self, name: str | None) -> LocalSamplingClient:
+        overlay = snapshot_peft(self._model)
+        base = shared_base_model(self.base_model, self._runtime.device, self._runtime.dtype)
+        label = f"{self.session_id}/snapshot/{name or f'step-{self._step}'}"
+        return LocalSamplingClient(base, self.get_tokenizer(), self._runtime, label=label, overlay=overlay)
 
     def _optim_step(self, adam: types.AdamParams) -> types.OptimStepResponse:
         params = [p for _, p in self._params]
@@ -249,13 +317,9 @@ class LocalTrainingClient:
             rng={"generator": self._generator.get_state()},
         )
 
-    def _load(self, uri: str, directory: Path, with_optimizer: bool) -> types.LoadWeightsResponse:
+    def _load(self, directory: Path, with_optimizer: bool) -> None:
+        """Before the client is handed out (``from_state``), so nothing is queued yet."""
         state = read_training_state(directory, with_optimizer=with_optimizer)
-        if state.info.base_model != str(self.base_model) or state.info.rank != self.rank:
-            raise CheckpointError(
-                f"checkpoint {directory} holds a rank-{state.info.rank} adapter for {state.info.base_model}; "
-                f"this client trains a rank-{self.rank} adapter for {self.base_model}"
-            )
         names = [name for name, _ in self._params]
         if sorted(state.adapter) != sorted(names):
             raise CheckpointError(
@@ -269,11 +333,6 @@ class LocalTrainingClient:
             self._optimizer.load_state_dict(state.optimizer)
             self._generator.set_state(state.rng["generator"])
             self._step = state.info.step
-        else:
-            self._optimizer = self._new_optimizer()
-        # Gradients accumulated before the load were taken at other weights.
-        self._optimizer.zero_grad(set_to_none=True)
-        return types.LoadWeightsResponse(path=uri)
 
     def _save_sampler(self, name: str) -> types.SaveWeightsForSamplerResponse:
         target = self.session_dir / "sampler" / name
@@ -283,9 +342,26 @@ class LocalTrainingClient:
         write_sampler(target, info, lambda directory: self._model.save_pretrained(str(directory)))
         return types.SaveWeightsForSamplerResponse(path=uri_for_path(target))
 
-    def _new_optimizer(self) -> torch.optim.AdamW:
-        # Hyperparameters are set from each optim_step's AdamParams; these are placeholders.
-        return torch.optim.AdamW([p for _, p in self._params], lr=0.0, weight_decay=0.0)
+
+_CROSS_ENTROPY = get_loss_fn("cross_entropy")
+
+
+def _custom_loss_forward_data(data: Sequence[types.Datum]) -> list[types.Datum]:
+    """What the SDK sends for a custom loss's forward: ``target_tokens`` and ``weights`` (zeros if absent)."""
+    forward = []
+    for index, datum in enumerate(data):
+        targets = datum.loss_fn_inputs.get("target_tokens")
+        if targets is None:
+            raise ValueError(f"datum {index}: forward_backward_custom needs loss_fn_inputs['target_tokens']")
+        weights = datum.loss_fn_inputs.get("weights")
+        if weights is None:
+            weights = types.TensorData.from_torch(torch.zeros(targets.to_torch().shape, dtype=torch.float32))
+        forward.append(
+            types.Datum(
+                model_input=datum.model_input, loss_fn_inputs={"target_tokens": targets, "weights": weights}
+            )
+        )
+    return forward
 
 
 def _check_adam(adam: types.AdamParams) -> None:
