@@ -43,7 +43,8 @@ from kitchen.contract import (
     SessionStatus,
     TrainingClient,
 )
-from kitchen.training.loop import Batch, TrainingSpec, run_training
+from kitchen.training.loop import TrainingSpec, run_training
+from kitchen.workflows.supervised.plan import SupervisedPlan
 from resources.futures import resolved
 
 T = TypeVar("T")
@@ -180,34 +181,37 @@ class LatencyService:
         self._inner.close(status, detail)
 
 
-def _batches(vocab: int, steps: int, batch: int, length: int) -> list[Batch]:
+def _datums(vocab: int, count: int, length: int) -> list[types.Datum]:
     rng = random.Random(0)
-    out = []
-    for _ in range(steps):
-        datums = []
-        for _ in range(batch):
-            tokens = [rng.randrange(vocab) for _ in range(length + 1)]
-            datums.append(
-                types.Datum(
-                    model_input=types.ModelInput.from_ints(tokens[:-1]),
-                    loss_fn_inputs={
-                        "target_tokens": types.TensorData(data=tokens[1:], dtype="int64", shape=[length]),
-                        "weights": types.TensorData(data=[1.0] * length, dtype="float32", shape=[length]),
-                    },
-                )
+    datums = []
+    for _ in range(count):
+        tokens = [rng.randrange(vocab) for _ in range(length + 1)]
+        datums.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1]),
+                loss_fn_inputs={
+                    "target_tokens": types.TensorData(data=tokens[1:], dtype="int64", shape=[length]),
+                    "weights": types.TensorData(data=[1.0] * length, dtype="float32", shape=[length]),
+                },
             )
-        out.append(Batch(epoch=0, datums=datums))
-    return out
+        )
+    return datums
 
 
-def _spec(base_model: str, steps: int, in_flight: int) -> TrainingSpec:
+def _plan(datums: list[types.Datum], batch: int, steps: int) -> SupervisedPlan:
+    """The supervised plan over the random datums: ``steps`` steps of ``batch``."""
+    return SupervisedPlan.build(
+        datums, datums_hash="bench", batch_size=batch, epochs=1, seed=0, max_steps=steps
+    )
+
+
+def _spec(base_model: str, in_flight: int) -> TrainingSpec:
     return TrainingSpec(
         base_model=base_model,
         lora_rank=8,
         learning_rate=1e-4,
         lr_schedule="constant",
         warmup_steps=0,
-        total_steps=steps,
         save_every=0,
         seed=0,
         max_in_flight=in_flight,
@@ -215,25 +219,25 @@ def _spec(base_model: str, steps: int, in_flight: int) -> TrainingSpec:
 
 
 def _time_loop(
-    service: ServiceClient, base_model: str, batches: list[Batch], in_flight: int, work: Path
+    service: ServiceClient, base_model: str, plan: SupervisedPlan, in_flight: int, work: Path
 ) -> float:
     """Seconds per step of the real loop, excluding client creation and the final saves."""
     run_dir = Path(tempfile.mkdtemp(dir=work))
     result = run_training(
-        service, _spec(base_model, len(batches), in_flight), batches, run_dir, key=run_dir.name, resume=False
+        service, _spec(base_model, in_flight), plan, run_dir, key=run_dir.name, resume=False
     )
-    return result.metrics[-1].elapsed_seconds / len(batches)
+    return result.metrics[-1].elapsed_seconds / plan.total_steps
 
 
-def _time_sequential(service: ServiceClient, base_model: str, batches: list[Batch]) -> float:
+def _time_sequential(service: ServiceClient, base_model: str, plan: SupervisedPlan) -> float:
     """Seconds per step when every request is awaited before the next one is sent."""
     client = service.create_lora_training_client(base_model, rank=8, seed=0).result()
     adam = types.AdamParams(learning_rate=1e-4)
     started = time.perf_counter()
-    for batch in batches:
-        client.forward_backward(batch.datums, "cross_entropy").result()
+    for step in range(plan.total_steps):
+        client.forward_backward(plan.prepare(step, None).datums, "cross_entropy").result()
         client.optim_step(adam).result()
-    return (time.perf_counter() - started) / len(batches)
+    return (time.perf_counter() - started) / plan.total_steps
 
 
 def main() -> None:
@@ -256,17 +260,18 @@ def main() -> None:
     model = args.model or str(build_tiny_model(work / "tiny"))
     engine = LocalServiceClient(root=work / "engine", num_threads=args.threads)
     vocab = len(engine.create_lora_training_client(model, rank=8, seed=0).result().get_tokenizer())
-    batches = _batches(vocab, args.steps, args.batch, args.length)
+    datums = _datums(vocab, args.steps * args.batch, args.length)
+    plan = _plan(datums, args.batch, args.steps)
     latency = args.latency_ms / 1000
     slow = LatencyService(engine, latency)
 
     in_flight = [int(x) for x in args.in_flight.split(",")]
-    _time_loop(engine, model, batches[:2], 1, work)  # warm-up: first-call costs stay out of the table
+    _time_loop(engine, model, _plan(datums, args.batch, 2), 1, work)  # warm-up: first-call costs stay out
     # Compute alone, with the engine never idle (the deepest pipeline), so "hidden" measures latency only.
-    rows: list[tuple[str, float]] = [("no latency", _time_loop(engine, model, batches, max(in_flight), work))]
-    rows.append(("sequential", _time_sequential(slow, model, batches)))
+    rows: list[tuple[str, float]] = [("no latency", _time_loop(engine, model, plan, max(in_flight), work))]
+    rows.append(("sequential", _time_sequential(slow, model, plan)))
     for n in in_flight:
-        rows.append((f"pipelined m{n}", _time_loop(slow, model, batches, n, work)))
+        rows.append((f"pipelined m{n}", _time_loop(slow, model, plan, n, work)))
 
     base, sequential = rows[0][1], rows[1][1]
     injected = sequential - base

@@ -479,9 +479,13 @@ class _InstantService:
     def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None) -> Any:
         return resolved(_InstantTraining())
 
+    def close(self, status: str = "success", detail: str | None = None) -> None:
+        pass
+
 
 def test_the_loop_overlaps_requests_and_records_every_step(tmp_path: Path) -> None:
-    from kitchen.training.loop import Batch, TrainingSpec, run_training
+    from kitchen.training.loop import TrainingSpec, run_training
+    from kitchen.workflows.supervised.plan import SupervisedPlan
 
     bench = _bench_module()
     datum = tinker.types.Datum(
@@ -491,7 +495,11 @@ def test_the_loop_overlaps_requests_and_records_every_step(tmp_path: Path) -> No
             "weights": tinker.types.TensorData(data=[1.0, 1.0], dtype="float32", shape=[2]),
         },
     )
-    batches = [Batch(epoch=0, datums=[datum]) for _ in range(8)]
+
+    def plan() -> SupervisedPlan:
+        return SupervisedPlan.build(
+            [datum] * 8, datums_hash="h", batch_size=1, epochs=1, seed=0, max_steps=None
+        )
 
     def per_step(in_flight: int) -> tuple[float, list[float]]:
         spec = TrainingSpec(
@@ -500,13 +508,12 @@ def test_the_loop_overlaps_requests_and_records_every_step(tmp_path: Path) -> No
             learning_rate=1e-4,
             lr_schedule="constant",
             warmup_steps=0,
-            total_steps=8,
             save_every=3,
             seed=0,
             max_in_flight=in_flight,
         )
         service = bench.LatencyService(_InstantService(), 0.1)
-        result = run_training(service, spec, batches, tmp_path / f"m{in_flight}", key=f"m{in_flight}")
+        result = run_training(service, spec, plan(), tmp_path / f"m{in_flight}", key=f"m{in_flight}")
         assert [c.step for c in result.checkpoints if c.kind == "state"] == [3, 6, 8]
         return result.metrics[-1].elapsed_seconds / 8, [m.loss * 2 for m in result.metrics]
 
