@@ -60,8 +60,16 @@ def fake_trained_model(
     report = run_dir / "report" / "report.json"  # laid out as the eval asset writes it
     (report.parent / "hf-datasets").mkdir(parents=True, exist_ok=True)
     (report.parent / "hf-datasets" / "cache.arrow").write_bytes(b"not an artifact")
+    # The gate's settings as the eval asset records them; a failing gate is a margin nothing can meet.
+    settings = {"metric": "exact_match", "margin": 10.0 if gate_passed is False else 0.0}
     report.write_text(
-        json.dumps({"trained": {"exact_match": exact_match}, "higher_is_better": {"exact_match": True}})
+        json.dumps(
+            {
+                "trained": {"exact_match": exact_match},
+                "higher_is_better": {"exact_match": True, "nll": False},
+                "gate": {"settings": {**settings, "max_nll_increase": 0.0, "min_gap_closed": None}},
+            }
+        )
     )
     (report.parent / "report.png").write_bytes(b"\x89PNG fake plot")
     sampler_path = f"tinker://session-{seed}/sampler_weights/final" if tinker else adapter.resolve().as_uri()
@@ -136,10 +144,10 @@ def fake_trained_model(
         workflow="supervised",
         base_model=base,
         dataset=dataset,
-        datums=datums,
         checkpoints=checkpoints,
         weights=weights,
         eval_report=evaluation,
+        inputs={"datums": datums},
     )
 
 

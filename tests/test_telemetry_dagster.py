@@ -272,10 +272,21 @@ def test_supervised_group_emits_every_catalogue_event_in_order(
         )
         assert all(s == stage for _, s in outline[start : stop + 1])
         inside[stage] = [n for n, _ in outline[start + 1 : stop]]
-    # max_steps=4, save_every=2: steps 1-2, the step-2 checkpoint, steps 3-4, the epoch, final state, sampler.
+    # max_steps=4, save_every=2: the start, steps 1-2, the step-2 checkpoint, steps 3-4, the epoch, final
+    # state, sampler.
     step, checkpoint = telemetry.TRAINING_STEP, telemetry.TRAINING_CHECKPOINT
-    epoch = telemetry.TRAINING_EPOCH
-    assert inside["supervised__train"] == [step, step, checkpoint, step, step, epoch, checkpoint, checkpoint]
+    epoch, start = telemetry.TRAINING_EPOCH, telemetry.TRAINING_START
+    assert inside["supervised__train"] == [
+        start,
+        step,
+        step,
+        checkpoint,
+        step,
+        step,
+        epoch,
+        checkpoint,
+        checkpoint,
+    ]
     assert inside["supervised__eval_report"] == [telemetry.EVAL_COMPLETE] * 2
     assert inside["supervised__registered_model"] == [telemetry.MODEL_REGISTERED]
     # Every success-path event of the catalogue (the exception events are the next tests').
@@ -284,12 +295,16 @@ def test_supervised_group_emits_every_catalogue_event_in_order(
         telemetry.WORKFLOW_STOP,
         telemetry.STAGE_START,
         telemetry.STAGE_STOP,
+        telemetry.TRAINING_START,
         telemetry.TRAINING_STEP,
         telemetry.TRAINING_EPOCH,
         telemetry.TRAINING_CHECKPOINT,
         telemetry.EVAL_COMPLETE,
         telemetry.MODEL_REGISTERED,
     }
+    start_event = next(e for e in collected if e.name == telemetry.TRAINING_START)
+    assert start_event.measurements == {"total_steps": 4, "start_step": 0}
+    assert start_event.metadata["resumed_from"] is None and start_event.metadata["headline"] == "loss"
 
     steps = [e for e in collected if e.name == telemetry.TRAINING_STEP]
     assert [e.measurements["step"] for e in steps] == [1, 2, 3, 4]
