@@ -36,7 +36,13 @@ STANDARD_EVAL_INPUTS = ("base_model", "dataset", "checkpoints", "trained_weights
 
 
 def gate_settings(config: Any) -> GateSettings:
-    return GateSettings(config.gate_metric, config.gate_margin, config.gate_max_nll_increase)
+    """The gate's settings from an ``eval_report`` section (a workflow's section may add the gap rule)."""
+    return GateSettings(
+        config.gate_metric,
+        config.gate_margin,
+        config.gate_max_nll_increase,
+        getattr(config, "gate_min_gap_closed", None),
+    )
 
 
 def eval_report_asset(workflow: Workflow) -> dg.AssetsDefinition:

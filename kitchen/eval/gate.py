@@ -21,8 +21,9 @@ class GateSettings:
     """Primary metric: a held-out name (``exact_match``, ``f1``, ``nll``, ...) or ``task/metric``."""
     margin: float
     """How much the trained model must improve on the base in the metric's own direction."""
-    max_nll_increase: float = 0.0
-    """Held-out NLL may rise by at most this much (0: no regression allowed)."""
+    max_nll_increase: float | None = 0.0
+    """Held-out NLL may rise by at most this much (0: no regression allowed); None: no NLL rule (for
+    workflows whose evaluation reports no held-out NLL)."""
     min_gap_closed: float | None = None
     """With a reference model (distillation's teacher): the share of the base-to-reference gap on the
     primary metric the trained model must close."""
@@ -87,6 +88,10 @@ def gate_verdict(
     )
     if improvement <= 0 or improvement < margin - _EPS:
         return verdict(False, f"{numbers}, needed at least {margin:.4g} and more than 0")
+    if settings.max_nll_increase is None:
+        return _beyond_nll(
+            verdict, numbers, settings, metric, b, improvement, higher, reference, "no NLL rule"
+        )
     if b_nll is None or t_nll is None or not math.isfinite(t_nll):
         return verdict(False, f"{numbers}, but held-out NLL is missing or not finite")
     if t_nll > b_nll + settings.max_nll_increase + _EPS:
@@ -96,6 +101,21 @@ def gate_verdict(
             f"(allowed increase {settings.max_nll_increase:.4g})",
         )
     nll_note = f"held-out NLL {t_nll:.4g} vs base {b_nll:.4g}"
+    return _beyond_nll(verdict, numbers, settings, metric, b, improvement, higher, reference, nll_note)
+
+
+def _beyond_nll(
+    verdict: Any,
+    numbers: str,
+    settings: GateSettings,
+    metric: str,
+    b: float,
+    improvement: float,
+    higher: bool,
+    reference: Mapping[str, float] | None,
+    nll_note: str,
+) -> GateVerdict:
+    """The rules after the NLL one: the share of the gap to a reference model, when asked for."""
     if settings.min_gap_closed is not None:
         r = (reference or {}).get(metric)
         if r is None or not math.isfinite(r):
@@ -110,7 +130,7 @@ def gate_verdict(
                 f"needed {needed:.0%}",
             )
         nll_note += f"; closed {closed:.1%} of the gap to the reference ({r:.4g})"
-    return verdict(True, f"{numbers} >= margin {margin:.4g}; {nll_note}")
+    return verdict(True, f"{numbers} >= margin {settings.margin:.4g}; {nll_note}")
 
 
 def verdict_from_report(

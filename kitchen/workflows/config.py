@@ -112,8 +112,11 @@ class EvalSection(Section):
     gate_margin: float = Field(
         default=0.02, ge=0.0, le=1e6, description="How much the trained model must beat the base by."
     )
-    gate_max_nll_increase: float = Field(
-        default=0.0, ge=0.0, le=1e6, description="How much held-out NLL may rise before the gate fails."
+    gate_max_nll_increase: float | None = Field(
+        default=0.0,
+        ge=0.0,
+        le=1e6,
+        description="How much held-out NLL may rise before the gate fails (unset: no NLL rule).",
     )
 
     @field_validator("eval_tasks", mode="before")
