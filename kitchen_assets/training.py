@@ -12,7 +12,7 @@ import dagster as dg
 from tinker import types
 
 from kitchen.data import read_datums
-from kitchen.hashing import hash_json, hash_tree
+from kitchen.hashing import hash_json, weights_content_hash
 from kitchen.home import home_dir
 from kitchen.manifests import (
     BaseModelManifest,
@@ -29,13 +29,6 @@ from kitchen_assets.config import TrainingConfig
 from kitchen_assets.metadata import image_markdown, line_plot
 from kitchen_assets.telemetry import instrumented
 from resources.training import TrainingBackend
-
-
-def _weights_hash(sampler_path: str) -> str:
-    """The bytes of locally saved weights; a remote (``tinker://``) path names immutable weights itself."""
-    if sampler_path.startswith("file://"):
-        return hash_tree(Path(sampler_path.removeprefix("file://")))
-    return hash_json(sampler_path)
 
 
 def _format_eta(seconds: float) -> str:
@@ -234,7 +227,7 @@ def _outputs(
         lora_rank=spec.lora_rank,
         steps=result.steps,
         final_loss=result.final_loss,
-        content_hash=_weights_hash(result.sampler_path),
+        content_hash=weights_content_hash(result.sampler_path),
         hyperparameters=hyper,
     )
     yield dg.Output(
