@@ -7,7 +7,6 @@ weights again finds the existing version; the champion/challenger rule lives in 
 
 # No ``from __future__ import annotations``: Dagster reads config and resource types from the signature.
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from kitchen.registry import (
     register_trained_model,
 )
 from kitchen.registry.store import is_remote
+from kitchen.secrets import drop_secret_keys, redact_uri
 from kitchen_assets.config import RegistryConfig
 from kitchen_assets.metadata import markdown_table
 from kitchen_assets.telemetry import instrumented
@@ -39,7 +39,6 @@ from resources.mlflow_registry import MlflowRegistry
 UPSTREAM = ("base_model", "dataset", "datums", "checkpoints", "trained_weights", "eval_report")
 # Only when the eval report states no direction for the primary metric (older reports).
 _LOWER_IS_BETTER_NAMES = frozenset({"nll", "perplexity", "loss"})
-_SECRET_KEY = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)
 
 
 def primary_metric_direction(report: EvalManifest) -> tuple[bool, str]:
@@ -62,7 +61,7 @@ def _run_config(context: dg.AssetExecutionContext) -> dict[str, Any]:
             values.update((section or {}).get("config") or {})
     else:
         values.update({k: v for k, v in raw.items() if k not in ("resources", "loggers", "execution")})
-    return {k: v for k, v in sorted(values.items()) if not _SECRET_KEY.search(k)}
+    return drop_secret_keys(dict(sorted(values.items())))
 
 
 def _upstream_runs(context: dg.AssetExecutionContext, workflow: str) -> dict[str, str]:
@@ -109,7 +108,7 @@ def _metadata(result: RegistrationResult, registry: MlflowRegistry) -> dict[str,
     if result.version_url:
         metadata["mlflow_version"] = dg.MetadataValue.url(result.version_url)
     if not is_remote(uri):
-        metadata["open_in_mlflow"] = f"mlflow ui --backend-store-uri {uri}"
+        metadata["open_in_mlflow"] = f"mlflow ui --backend-store-uri {redact_uri(uri)}"
     return metadata
 
 

@@ -51,7 +51,7 @@ def test_missing_weights_are_an_error_not_the_hash_of_nothing(tmp_path: Path) ->
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "adapter_config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="lack adapter_model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"lack adapter_model\.safetensors"):
         weights_content_hash(partial.as_uri())
 
 

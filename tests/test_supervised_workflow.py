@@ -75,7 +75,8 @@ def test_supervised_job_materialises_every_asset(tiny_model_dir: Path) -> None:
     assert isinstance(weights, WeightsManifest)
     assert weights.sampler_path.startswith("file://")
     adapter = Path(weights.sampler_path.removeprefix("file://"))  # no characters to escape under tmp_path
-    expected = {name: hash_file(adapter / name) for name in ("adapter_config.json", "adapter_model.safetensors")}
+    files = ("adapter_config.json", "adapter_model.safetensors")
+    expected = {name: hash_file(adapter / name) for name in files}
     assert weights.content_hash == hash_json(expected)
 
     report = read_manifest(dg.AssetKey(["supervised", "eval_report"]))

@@ -17,11 +17,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from kitchen.hashing import hash_json
 from kitchen.home import home_dir, kitchen_home
 from kitchen.registry.names import ModelRef, parse_model_ref, validate_model_name
+from kitchen.secrets import redact_text, redact_uri, secret_values
 from kitchen.telemetry.sinks import mlflow as telemetry_mlflow
 from kitchen.telemetry.sinks.mlflow import DAGSTER_RUN_TAG
 
@@ -54,16 +55,6 @@ def default_artifact_root() -> str:
     """Absolute, so artifacts never land in ``./mlruns`` relative to whatever directory a run started in
     (the same location the telemetry sink gives the experiments it creates)."""
     return (kitchen_home() / "mlruns").resolve().as_uri()
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` without user name or password (tracking URIs may carry basic-auth credentials)."""
-    parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def is_remote(uri: str) -> bool:
@@ -206,12 +197,21 @@ class ModelRegistry:
         return self._client
 
     def _call(self, fn: Any, verb: str) -> Any:
+        """``fn()``; any failure (MLflow's, a missing database driver, a refused connection) becomes one
+        ``RegistryError`` line naming the store without its credentials. The original exception is not
+        chained: its text may hold the password, and Dagster records a failure's whole cause chain."""
         from mlflow.exceptions import MlflowException
 
         try:
             return fn()
-        except MlflowException as err:
-            raise RegistryError(f"could not {verb} MLflow store {self.display_uri}: {err.message}") from err
+        except Exception as err:
+            detail = str(err.message) if isinstance(err, MlflowException) else f"{type(err).__name__}: {err}"
+            uris = {"tracking": self.tracking_uri, "registry": self.registry_uri}
+            detail = redact_text(" ".join(detail.split()), secret_values(uris, min_length=1))
+            for uri in uris.values():
+                detail = detail.replace(uri, redact_uri(uri))
+            error = RegistryError(f"could not {verb} MLflow store {self.display_uri}: {detail[:400]}")
+        raise error
 
     @contextmanager
     def lock(self, name: str) -> Iterator[None]:
