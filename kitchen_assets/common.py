@@ -102,6 +102,7 @@ def dataset_asset(workflow: str) -> dg.AssetsDefinition:
                 "test_rows": manifest.test_rows,
                 "test_split": manifest.test_split_source,
                 "skipped_rows": dg.MetadataValue.json(manifest.skipped_rows),
+                "skipped_examples": dg.MetadataValue.json(manifest.skipped_examples),
                 "preview": dg.MetadataValue.md(markdown_table([_preview_row(r) for r in loaded.preview])),
                 "path": dg.MetadataValue.path(manifest.path),
             }
