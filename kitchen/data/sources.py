@@ -394,14 +394,19 @@ def _parse_csv(data: bytes, label: str, parsed: ParsedRows, max_rows: int | None
     try:
         header = next(reader, [])
     except csv.Error as error:
-        raise DatasetSourceError(f"{label}: the CSV header row cannot be read ({error})") from error
+        raise DatasetSourceError(
+            f"{label}: the CSV header row cannot be read ({error}); check that the file is CSV"
+        ) from error
     if not any(name.strip() for name in header):
         raise DatasetSourceError(f"{label}: no CSV header row; expected {_EXPECTED['csv']}")
     if not all(_utf8(name) for name in header):
         raise DatasetSourceError(f"{label}: the CSV header row is not valid UTF-8; save the file as UTF-8")
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
-        raise DatasetSourceError(f"{label}: the CSV header names column(s) {repeated} more than once")
+        raise DatasetSourceError(
+            f"{label}: the CSV header names column(s) {repeated} more than once; "
+            "give each column its own name"
+        )
     while not _full(parsed, max_rows):
         first = reader.line_num + 1
         try:
