@@ -40,8 +40,7 @@ lint: setup
 	$(BIN)/mypy
 
 ui: setup
-	mkdir -p $(DAGSTER_HOME)
-	test -f $(DAGSTER_HOME)/dagster.yaml || cp scripts/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/python -c "from kitchen.home import prepare_dagster_home; prepare_dagster_home()"
 	$(BIN)/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(UI_PORT)
 
 bench: setup

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kitchen.home import kitchen_home
+from kitchen.home import prepare_dagster_home
 
 WORKFLOWS = ("supervised",)
 
@@ -152,10 +152,7 @@ def _format_validation_error(err: ValidationError) -> str:
 
 
 def _ensure_dagster_home() -> Path:
-    home = Path(os.environ.get("DAGSTER_HOME") or kitchen_home() / "dagster").resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    os.environ["DAGSTER_HOME"] = str(home)
-    return home
+    return prepare_dagster_home()  # created once, under a lock: concurrent first runs are safe
 
 
 def _fmt(value: float) -> str:

@@ -42,6 +42,7 @@ from kitchen.data.schemas import (
     normalize_rows,
 )
 from kitchen.home import home_dir
+from kitchen.locks import file_lock, lock_path
 from kitchen.manifests import DatasetManifest
 
 SourceKind = Literal["builtin", "hub", "local-dir", "jsonl", "data-files"]
@@ -307,8 +308,11 @@ def _load_files(
                 parsed.extend(_parse_file(fmt, Path(file), left))
             splits[split] = parsed
         return splits
+    cache = Path(_local_cache_dir())
     try:
-        loaded = datasets.load_dataset(fmt, data_files=data_files, cache_dir=_local_cache_dir())
+        # One process at a time fills the shared cache, whatever datasets' own locking covers.
+        with file_lock(lock_path(cache)):
+            loaded = datasets.load_dataset(fmt, data_files=data_files, cache_dir=str(cache))
     except Exception as error:  # a truncated or foreign file: say which files, how read, and the root cause
         files = sorted(f for fs in data_files.values() for f in fs)
         raise DatasetSourceError(
