@@ -24,8 +24,17 @@ _POLL_S = 0.1
 
 
 def lock_path(store: Path) -> Path:
-    """The lock file guarding ``store`` (a file or directory): a hidden sibling, ``.<name>.lock``."""
+    """The lock file guarding ``store`` (a file or directory): a hidden sibling, ``.<name>.lock``.
+    For stores that may live anywhere (an SQLite file named by a tracking URI)."""
     return store.parent / f".{store.name}.lock"
+
+
+def home_lock(name: str) -> Path:
+    """The lock file for a store inside the Kitchen home: ``$KITCHEN_HOME/locks/<name>.lock``, so cache
+    directories hold only what they cache."""
+    from kitchen.home import home_dir
+
+    return home_dir("locks") / f"{name}.lock"
 
 
 @contextmanager

@@ -42,7 +42,7 @@ from kitchen.data.schemas import (
     normalize_rows,
 )
 from kitchen.home import home_dir
-from kitchen.locks import file_lock, lock_path
+from kitchen.locks import file_lock, home_lock
 from kitchen.manifests import DatasetManifest
 
 SourceKind = Literal["builtin", "hub", "local-dir", "jsonl", "data-files"]
@@ -311,7 +311,7 @@ def _load_files(
     cache = Path(_local_cache_dir())
     try:
         # One process at a time fills the shared cache, whatever datasets' own locking covers.
-        with file_lock(lock_path(cache)):
+        with file_lock(home_lock("datasets-cache")):
             loaded = datasets.load_dataset(fmt, data_files=data_files, cache_dir=str(cache))
     except Exception as error:  # a truncated or foreign file: say which files, how read, and the root cause
         files = sorted(f for fs in data_files.values() for f in fs)

@@ -18,7 +18,7 @@ from typing import Any
 
 from kitchen.hashing import hash_file, hash_tree
 from kitchen.home import home_dir
-from kitchen.locks import lock_path, once
+from kitchen.locks import home_lock, once
 from kitchen.manifests import BaseModelManifest
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -77,7 +77,7 @@ def _packaged_default(name: str) -> BaseModelManifest:
     once(
         lambda: (target / _INFO_FILE).is_file(),
         lambda: _dequantize_gguf(gguf, target, source_hash=gguf_hash),
-        lock_path(target),
+        home_lock(f"models-{target.name}"),
     )
     info = json.loads((target / _INFO_FILE).read_text())
     return BaseModelManifest(
