@@ -20,11 +20,11 @@ REDACTED = "[REDACTED]"
 _HIDDEN = "***"
 
 #: A word that alone marks a secret name (``HF_TOKEN``, ``db_password``, ``OTEL_EXPORTER_OTLP_HEADERS``).
+#: Not ``pwd``: the shell's ``PWD`` is the working directory, and redacting it would mangle every path.
 _SECRET_WORDS = frozenset(
     {
         "password",
         "passwd",
-        "pwd",
         "passphrase",
         "secret",
         "secrets",
