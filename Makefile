@@ -40,7 +40,7 @@ lint: setup
 	$(BIN)/mypy
 
 ui: setup
-	$(BIN)/python -m kitchen.home  # creates $(DAGSTER_HOME) with Kitchen's instance settings
+	$(BIN)/python -m kitchen.cli.instance  # creates $(DAGSTER_HOME) with Kitchen's instance settings
 	$(BIN)/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(UI_PORT)
 
 bench: setup

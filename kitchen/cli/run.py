@@ -18,9 +18,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from kitchen.cli.flags import config_from_flags, format_validation_error
+from kitchen.cli.instance import prepare_dagster_home
 from kitchen.cli.location import load_definitions
 from kitchen.cli.progress import RunProgress, quiet_output
-from kitchen.home import home_dir, prepare_dagster_home
+from kitchen.home import home_dir
 from kitchen.manifests import (
     CheckpointsManifest,
     EvalManifest,
