@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from kitchen.data.schemas import SCHEMAS, SchemaError
 from kitchen.data.sources import DatasetSourceError, load_dataset_source
-from kitchen.training.batching import make_batches
+from kitchen.training.batching import EpochBatches
 
 SKIP_REASONS = {
     # lines or records that hold no row
@@ -226,7 +226,7 @@ def _check(name: str, data: bytes) -> None:
                 )
         # A dataset smaller than a batch is one clear line too, from the batch builder.
         try:
-            make_batches(list(range(loaded.train_rows)), batch_size=16, epochs=1, seed=0)
+            EpochBatches(loaded.train_rows, batch_size=16, epochs=1, seed=0)
         except ValueError as error:
             assert "lower --batch-size" in str(error) and "\n" not in str(error)
 

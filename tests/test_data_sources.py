@@ -294,6 +294,7 @@ def test_a_json_array_file_loads_and_names_items(tmp_path: Path) -> None:
 def test_the_dataset_asset_shows_skipped_lines_in_its_metadata(tmp_path: Path) -> None:
     import dagster as dg
 
+    from kitchen.workflows import get_workflow
     from kitchen_assets.common import dataset_asset
 
     lines = [_qa_line(i) for i in range(20)]
@@ -302,7 +303,7 @@ def test_the_dataset_asset_shows_skipped_lines_in_its_metadata(tmp_path: Path) -
     path.write_text("\n".join(lines) + "\n")
     with dg.DagsterInstance.ephemeral() as instance:
         result = dg.materialize(
-            [dataset_asset("supervised")],
+            [dataset_asset(get_workflow("supervised"))],
             run_config={"ops": {"supervised__dataset": {"config": {"dataset": str(path)}}}},
             instance=instance,
         )
