@@ -56,7 +56,7 @@ def run_workflow(args: argparse.Namespace) -> int:
         defs = load_definitions(args.backend)
     except ValueError as err:
         return _fail(str(err), 2)
-    problem = _preflight(defs)
+    problem = _preflight(defs, config.model_dump())
     if problem:
         return _fail(problem)
 
@@ -83,18 +83,27 @@ def run_workflow(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preflight(defs: Any) -> str | None:
-    """A missing key, an unreachable service or registry: one line now, not a failed run later."""
+def _preflight(defs: Any, settings: dict[str, Any]) -> str | None:
+    """A missing key, an unreachable service or registry, a registered model that does not exist: one
+    line now, not a failed run later."""
     import dagster as dg
 
     from kitchen.contract import BackendUnavailableError
     from kitchen.registry import RegistryError
+    from kitchen.registry.starting import is_registered_ref
 
     resources = defs.resources or {}
     try:
         with dg.build_resources({"training": resources["training"]}) as built:
             built.training.preflight()
-        resources["registry"].preflight()
+        registry = resources["registry"]
+        registry.preflight()
+        for name, value in settings.items():
+            if isinstance(value, str) and is_registered_ref(value):
+                try:
+                    registry.registry().resolve(value.strip())
+                except RegistryError as err:
+                    return f"--{name.replace('_', '-')} {value}: {err}"
     except (BackendUnavailableError, RegistryError) as err:
         return str(err)
     return None
