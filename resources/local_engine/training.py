@@ -507,7 +507,11 @@ class LocalTrainingClient:
         info = SamplerInfo(
             base_model=str(self.base_model), rank=self.rank, step=self._step, session_id=self.session_id
         )
-        write_sampler(target, info, lambda directory: self._model.save_pretrained(str(directory)))
+        # The LoRA weights only: with an adapted unembedding PEFT would also save the (frozen, tied) base
+        # embedding, which samplers take from the base model.
+        write_sampler(
+            target, info, lambda directory: self._model.save_pretrained(str(directory), save_embedding_layers=False)
+        )
         self._record_run()
         return types.SaveWeightsForSamplerResponse(path=uri_for_path(target))
 
