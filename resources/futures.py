@@ -18,7 +18,7 @@ from tinker.lib.public_interfaces.api_future import APIFuture
 T = TypeVar("T")
 
 
-class EngineFuture(Future[T], APIFuture[T]):  # type: ignore[misc]
+class EngineFuture(Future[T], APIFuture[T]):
     """A ``concurrent.futures.Future`` with the SDK's ``APIFuture`` surface: awaitable, ``result()``,
     ``result_async(timeout)``, ``coroutine()`` and ``future()``; ``isinstance(f, tinker.APIFuture)`` holds."""
 

@@ -125,7 +125,9 @@ def supervised_run(engine_root: Path, tiny_model_dir: Path, tmp_path_factory: py
 
 
 def test_supervised_train_lowers_held_out_nll(supervised_run: Path) -> None:
-    evals = [(row["step"], row["test/nll"]) for row in _rows(supervised_run / "metrics.jsonl") if "test/nll" in row]
+    evals = [
+        (row["step"], row["test/nll"]) for row in _rows(supervised_run / "metrics.jsonl") if "test/nll" in row
+    ]
     assert [step for step, _ in evals] == [0, 3, 6]
     first, last = evals[0][1], evals[-1][1]
     assert math.isfinite(first) and last < first - 0.1, evals

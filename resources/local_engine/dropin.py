@@ -54,6 +54,7 @@ from resources.local_engine.checkpoints import (
     read_sampler,
     read_state_info,
 )
+from resources.local_engine.runtime import resolve_device, resolve_dtype
 from resources.local_engine.sampling import LocalSamplingClient
 from resources.local_engine.service import LocalServiceClient
 from resources.local_engine.training import LocalTrainingClient
@@ -85,10 +86,18 @@ class EngineSettings:
                 threads = int(raw)
             except ValueError:
                 raise ValueError(f"{_ENV_THREADS}={raw!r} is not an integer number of threads") from None
+        if threads is not None and threads < 1:
+            raise ValueError(f"num_threads ({_ENV_THREADS}) must be >= 1, got {threads}")
+        device = self.device or os.environ.get(_ENV_DEVICE) or "auto"
+        dtype = self.dtype or os.environ.get(_ENV_DTYPE) or "auto"
+        try:
+            resolve_dtype(dtype, resolve_device(device))
+        except ValueError as err:
+            raise ValueError(f"engine setting ({_ENV_DEVICE}/{_ENV_DTYPE}): {err}") from None
         return EngineSettings(
             root=Path(self.root).expanduser() if self.root is not None else home_dir("engine"),
-            device=self.device or os.environ.get(_ENV_DEVICE) or "auto",
-            dtype=self.dtype or os.environ.get(_ENV_DTYPE) or "auto",
+            device=device,
+            dtype=dtype,
             num_threads=threads,
         )
 
@@ -342,7 +351,9 @@ class RestClient:
         def delete() -> None:
             prefix, _, name = checkpoint_id.partition("/")
             if prefix not in _KINDS or not name or "/" in name:
-                raise ValueError(f"checkpoint id {checkpoint_id!r} is not weights/<name> or sampler_weights/<name>")
+                raise ValueError(
+                    f"checkpoint id {checkpoint_id!r} is not weights/<name> or sampler_weights/<name>"
+                )
             _delete(self._run_dir(training_run_id) / _KINDS[prefix][0] / name)
 
         return run_now(delete)
@@ -450,13 +461,17 @@ def install(
     settings = EngineSettings(Path(root) if root is not None else None, device, dtype, num_threads)
     settings.resolved()  # a bad setting fails now, not at the program's first call
     previous = (tinker.ServiceClient, tinker.RestClient, _installed_settings)
-    tinker.ServiceClient = ServiceClient  # type: ignore[misc]
-    tinker.RestClient = RestClient  # type: ignore[misc]
+    # Stand-ins with the SDK's surface, not subclasses of its classes: setattr, as mypy rightly refuses
+    # the assignment.
+    setattr(tinker, "ServiceClient", ServiceClient)  # noqa: B010
+    setattr(tinker, "RestClient", RestClient)  # noqa: B010
     _installed_settings = settings
 
     def uninstall() -> None:
         global _installed_settings
-        tinker.ServiceClient, tinker.RestClient, _installed_settings = previous  # type: ignore[misc]
+        setattr(tinker, "ServiceClient", previous[0])  # noqa: B010
+        setattr(tinker, "RestClient", previous[1])  # noqa: B010
+        _installed_settings = previous[2]
 
     return uninstall
 

@@ -291,7 +291,8 @@ def _check_last_n(last_n: int | None, prompt_length: int) -> int | None:
         return None
     if isinstance(last_n, bool) or not isinstance(last_n, int) or not 1 <= last_n <= prompt_length - 1:
         raise ValueError(
-            f"prompt_logprobs_last_n must be between 1 and len(prompt) - 1 = {prompt_length - 1}, got {last_n!r}"
+            f"prompt_logprobs_last_n must be between 1 and len(prompt) - 1 = {prompt_length - 1}, "
+            f"got {last_n!r}"
         )
     return last_n
 

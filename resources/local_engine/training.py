@@ -73,7 +73,9 @@ class LoraTargets:
 
     def __post_init__(self) -> None:
         if not (self.attn or self.mlp or self.unembed):
-            raise ValueError("train_attn, train_mlp and train_unembed are all False: nothing would be trained")
+            raise ValueError(
+                "train_attn, train_mlp and train_unembed are all False: nothing would be trained"
+            )
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,9 @@ def prepare_datums(
         if loss.needs_provenance:
             if recorded is None:
                 raise ValueError(f"loss {loss.name!r} needs the sequences its samplers recorded")
-            inputs["logprobs"] = recorded_sampling_logprobs(where, datum, targets, inputs["logprobs"], recorded)
+            inputs["logprobs"] = recorded_sampling_logprobs(
+                where, datum, targets, inputs["logprobs"], recorded
+            )
         prepared.append(PreparedDatum(tokens=tokens, inputs=inputs))
     return prepared
 
@@ -267,7 +271,9 @@ class LocalTrainingClient:
         if name is not None:
             check_checkpoint_name(name)
         if kind != "snapshot":
-            raise ValueError(f"sampling client kind {kind!r} is not supported by the local engine; use 'snapshot'")
+            raise ValueError(
+                f"sampling client kind {kind!r} is not supported by the local engine; use 'snapshot'"
+            )
         return submit(self._executor, self._snapshot_sampler, name, bool(record_stability_info))
 
     def create_sampling_client(
@@ -510,7 +516,9 @@ class LocalTrainingClient:
         # The LoRA weights only: with an adapted unembedding PEFT would also save the (frozen, tied) base
         # embedding, which samplers take from the base model.
         write_sampler(
-            target, info, lambda directory: self._model.save_pretrained(str(directory), save_embedding_layers=False)
+            target,
+            info,
+            lambda directory: self._model.save_pretrained(str(directory), save_embedding_layers=False),
         )
         self._record_run()
         return types.SaveWeightsForSamplerResponse(path=uri_for_path(target))
@@ -561,9 +569,7 @@ def _check_adam(adam: types.AdamParams) -> None:
             raise ValueError(f"AdamParams.{field}={value} is out of range")
 
 
-def _lora_model(
-    base_model: Path, rank: int, seed: int, runtime: EngineRuntime, targets: LoraTargets
-) -> Any:
+def _lora_model(base_model: Path, rank: int, seed: int, runtime: EngineRuntime, targets: LoraTargets) -> Any:
     """The base model with LoRA on the linear layers ``targets`` selects, initialised on the CPU under
     ``seed`` (so the init does not depend on the device), then moved to the engine's device. Base weights
     are frozen."""
