@@ -17,6 +17,7 @@ import asyncio
 import json
 import math
 import random
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from tinker_cookbook.supervised import train as sl_train
 from tinker_cookbook.supervised.data import FromConversationFileBuilder
 from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig, SupervisedDataset
 
-from resources.local_engine.dropin import install
+from resources.local_engine.dropin import install, main
 
 RENDERER = "qwen3_instruct"
 
@@ -246,3 +247,20 @@ def test_supervised_train_resumes_from_a_mid_run_checkpoint(
     )
     total = sum(sum(datum.loss_fn_inputs["weights"].tolist()) for datum in batch)
     assert resumed["train_mean_nll"] == pytest.approx(weighted / total, rel=1e-5)
+
+
+def test_math_rl_recipe_runs_unedited_with_its_default_stable_reinforce(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The math_rl recipe from its command line, through ``python -m resources.local_engine.dropin``
+    (called in-process): its default loss, ``stable_reinforce``, needs samplers made with
+    ``record_stability_info=True`` and provenance on every datum, which the engine checks."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    log = tmp_path / "math_rl"
+    argv = [f"model_name={tiny_model_dir}", f"renderer_name={RENDERER}", f"log_path={log}"]
+    argv += ["groups_per_batch=2", "group_size=4", "max_steps=2", "max_tokens=5"]
+    assert main(["-m", "tinker_cookbook.recipes.math_rl.train", *argv]) == 0
+    assert json.loads((log / "config.json").read_text())["loss_fn"] == "stable_reinforce"
+    steps = [row for row in _rows(log / "metrics.jsonl") if "optim/kl_sample_train_v1" in row]
+    assert [row["step"] for row in steps] == [0, 1]
+    assert all(abs(row["optim/kl_sample_train_v1"]) < 1e-3 for row in steps)

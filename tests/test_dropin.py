@@ -374,12 +374,10 @@ def test_the_runner_runs_a_program_with_the_engine_installed(
     )
     original = tinker.ServiceClient, tinker.RestClient
     monkeypatch.setattr(sys, "argv", list(sys.argv))
-    try:
-        assert main([str(script), "--flag", "x"]) == 0
-        monkeypatch.syspath_prepend(str(tmp_path))
-        assert main(["-m", "program", "y"]) == 0
-    finally:
-        tinker.ServiceClient, tinker.RestClient = original
+    assert main([str(script), "--flag", "x"]) == 0
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["-m", "program", "y"]) == 0
+    assert (tinker.ServiceClient, tinker.RestClient) == original  # put back when the program ends
     out = capsys.readouterr().out.splitlines()
     engine = "resources.local_engine.dropin"
     assert out == [f"{engine} {engine} ['--flag', 'x']", f"{engine} {engine} ['y']"]

@@ -499,20 +499,23 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help") or (args[0] == "-m" and len(args) < 2):
         print(_USAGE, file=sys.stderr if not args else sys.stdout)
         return 0 if args else 2
+    if args[0] != "-m" and not Path(args[0]).is_file():
+        print(f"error: no such script {args[0]!r}\n{_USAGE}", file=sys.stderr)
+        return 2
     try:
-        install()
+        uninstall = install()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args[0] == "-m":
-        sys.argv = [args[1], *args[2:]]
-        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
-    else:
-        if not Path(args[0]).is_file():
-            print(f"error: no such script {args[0]!r}\n{_USAGE}", file=sys.stderr)
-            return 2
-        sys.argv = list(args)
-        runpy.run_path(args[0], run_name="__main__")
+    try:
+        if args[0] == "-m":
+            sys.argv = [args[1], *args[2:]]
+            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(args)
+            runpy.run_path(args[0], run_name="__main__")
+    finally:
+        uninstall()
     return 0
 
 
