@@ -217,7 +217,11 @@ def test_supervised_train_resumes_from_a_mid_run_checkpoint(
 ) -> None:
     """A run that dies before batch 4 has written checkpoint 000002; rerun, ``supervised.train`` resumes
     from it (weights and optimizer, ``create_training_client_from_state_with_optimizer``). The resumed
-    step's training NLL is recomputed here from that checkpoint's weights and the same batch."""
+    step's training NLL is recomputed here from that checkpoint's weights and the same batch.
+
+    (The cookbook saves a checkpoint after the steps it submitted ahead, so ``000002`` holds four optimizer
+    steps while naming batch 2, and the resumed run trains batches 2 and 3 again: its behaviour on the
+    service too, as requests on one client run in order. The check below holds either way.)"""
     data = _conversations(tmp_path / "train.jsonl", 96, seed=2)
     log = tmp_path / "log"
     crashing = _sl_config(tiny_model_dir, data, log, max_steps=6, eval_every=0)
