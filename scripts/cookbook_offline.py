@@ -1,11 +1,12 @@
 """tinker-cookbook's supervised, RL and DPO loops, unmodified, offline on Kitchen's local engine.
 
 Prints the numbers the README's "running tinker-cookbook recipes offline" section reports. Needs the
-``cookbook`` extra (``make test`` installs it). Everything goes under ``--out``; checkpoints under
-``$KITCHEN_HOME/engine``.
+``cookbook`` extra (``make test`` installs it). Logs go under ``--out`` (default
+``$KITCHEN_HOME/cookbook-offline``; a rerun starts them afresh, as the cookbook would otherwise resume),
+checkpoints under ``$KITCHEN_HOME/engine``.
 
     python scripts/cookbook_offline.py                        # the packaged SmolLM2-135M-Instruct
-    python scripts/cookbook_offline.py --model ./my-hf-model --out runs/cookbook
+    python scripts/cookbook_offline.py --model ./my-hf-model --only sft --sft-steps 20
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import asyncio
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from kitchen.home import home_dir
 from kitchen.models.base import resolve_base_model
 from resources.local_engine.dropin import install
 
@@ -159,16 +162,20 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="packaged name, directory or Hub id")
-    parser.add_argument("--out", type=Path, default=Path("runs/cookbook-offline"))
+    parser.add_argument("--out", type=Path, default=None, help="default: $KITCHEN_HOME/cookbook-offline")
     parser.add_argument("--sft-steps", type=int, default=40)
     parser.add_argument("--rl-steps", type=int, default=10)
     parser.add_argument("--dpo-steps", type=int, default=8)
     parser.add_argument("--only", choices=["sft", "rl", "dpo"], action="append")
     args = parser.parse_args()
     model = resolve_base_model(args.model).backend_model  # the cookbook's tokenizer lookup needs a path
-    args.out.mkdir(parents=True, exist_ok=True)
-    install()
+    out: Path = args.out or home_dir("cookbook-offline")
     only = set(args.only or ["sft", "rl", "dpo"])
+    for loop in only:
+        shutil.rmtree(out / loop, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    args.out = out
+    install()
     start = supervised(model, args.out, args.sft_steps) if "sft" in only else None
     if "rl" in only:
         rl(model, args.out, args.rl_steps, start)
