@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from kitchen.manifests import DatasetManifest
 from kitchen.registry import ModelRegistry
@@ -144,3 +145,26 @@ def test_a_run_loads_the_upstream_it_made_not_the_latest() -> None:
         alone = dg.materialize([up, middle, down], selection=[DOWN], instance=instance, resources=IO)
         assert alone.success
         assert _loaded_by_down(alone) == latest.run_id
+
+
+def test_a_second_run_with_the_same_inputs_does_not_share_the_run_dir(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Same inputs, same run directory: while one run trains there, another fails at once naming it,
+    instead of interleaving the two runs' ledgers."""
+    from kitchen.locks import file_lock
+    from kitchen.training.loop import LOCK_FILE, RunDirInUseError, run_training
+    from resources.local_engine import LocalServiceClient
+    from tests.test_training_loop import _sft, _spec
+
+    run_dir = tmp_path / "run"
+    # The first run holds the claim (another open file: flock excludes it even in this process).
+    with file_lock(run_dir / LOCK_FILE), pytest.raises(RunDirInUseError, match=str(run_dir)):
+        run_training(
+            LocalServiceClient(root=tmp_path / "e"), _spec(tiny_model_dir), _sft(4, 2), run_dir, key="k"
+        )
+    assert not (run_dir / "ledger.json").exists()
+    done = run_training(
+        LocalServiceClient(root=tmp_path / "e"), _spec(tiny_model_dir), _sft(4, 2), run_dir, key="k"
+    )
+    assert done.steps == 2
