@@ -15,11 +15,14 @@ from kitchen.home import home_dir
 from kitchen.manifests import BaseModelManifest, CheckpointRef, CheckpointsManifest, Manifest, WeightsManifest
 from kitchen.telemetry.training import CompositeObserver, TelemetryObserver
 from kitchen.training.loop import (
+    METRICS_FILE,
     BaseObserver,
     Checkpoint,
+    Ledger,
     StepMetrics,
     TrainingResult,
     TrainingSpec,
+    read_metrics,
     run_training,
 )
 from kitchen.training.plan import TrainingPlan
@@ -117,6 +120,18 @@ def resume_key(
     )
 
 
+def interrupted_description(run_dir: Path, key: str, total_steps: int) -> str:
+    """What an interrupted training step left: where the same command resumes."""
+    done = len(read_metrics(run_dir / METRICS_FILE))
+    latest = Ledger.open(run_dir, key).latest_state()
+    then = (
+        f"resumes from the checkpoint at step {latest.step} ({latest.path})"
+        if latest is not None
+        else "starts training over (no checkpoint yet)"
+    )
+    return f"interrupted after step {done}/{total_steps}; the same command {then}"
+
+
 def training_asset(
     workflow: Workflow, retry_policy: dg.RetryPolicy | None = TRAIN_RETRY_POLICY
 ) -> dg.AssetsDefinition:
@@ -175,6 +190,11 @@ def training_asset(
                 ),
                 resume=config.resume,
             )
+        except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError) as err:
+            # Dagster's RetryPolicy would rerun an interrupted step; an interrupt (Ctrl-C) means stop.
+            raise dg.Failure(
+                description=interrupted_description(run_dir, key, plan.total_steps), allow_retries=False
+            ) from err
         except Exception as err:
             if training.is_transient(err):
                 raise

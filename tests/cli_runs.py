@@ -8,6 +8,7 @@ adding it to the parametrisation (``tests/test_kill_resume.py``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -119,39 +120,55 @@ def steps_done(home: Path, workflow: str) -> int:
     return len(metrics_history(home, workflow))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def wait_for_checkpoint(
-    proc: subprocess.Popen[str], home: Path, workflow: str, after_step: int = 0, timeout: float = 300
+    pid: int, home: Path, workflow: str, after_step: int = 0, timeout: float = 300
 ) -> None:
     """Return as soon as the ledger holds a state checkpoint later than ``after_step`` (the run is
-    training and has something to resume from); the process is paused (SIGSTOP) so the caller can
+    training and has something to resume from), with process ``pid`` paused (SIGSTOP) so the caller can
     check that it is still mid-training before signalling it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(
-                f"the run ended before a checkpoint: {Finished(proc.returncode, out, err).explain()}"
-            )
+        if not _alive(pid):
+            raise AssertionError(f"process {pid} ended before a checkpoint after step {after_step}")
         if any(c["step"] > after_step for c in state_checkpoints(home, workflow)):
-            proc.send_signal(signal.SIGSTOP)
+            os.kill(pid, signal.SIGSTOP)
             return
         time.sleep(0.01)
     raise TimeoutError(f"no checkpoint after step {after_step} within {timeout:.0f}s")
 
 
+@dataclass(frozen=True)
+class Interrupted:
+    steps_done: int
+    checkpoint_step: int
+    checkpoint: str
+    signalled_at: float
+
+
 def signal_mid_training(
-    proc: subprocess.Popen[str], home: Path, workflow: str, sig: int, total_steps: int, after_step: int = 0
-) -> int:
-    """Deliver ``sig`` while training is between a checkpoint and its last step; returns the steps done
-    at that moment."""
-    wait_for_checkpoint(proc, home, workflow, after_step)
+    pid: int, home: Path, workflow: str, sig: int, total_steps: int, after_step: int = 0
+) -> Interrupted:
+    """Deliver ``sig`` to ``pid`` while its training is between a checkpoint and its last step; returns
+    where training was."""
+    wait_for_checkpoint(pid, home, workflow, after_step)
     done = steps_done(home, workflow)
+    latest = max(state_checkpoints(home, workflow), key=lambda c: int(c["step"]))
     assert done < total_steps and not ledger(home, workflow).get("complete"), (
         f"training had finished ({done}/{total_steps} steps) before it could be interrupted"
     )
-    proc.send_signal(sig)
-    proc.send_signal(signal.SIGCONT)
-    return done
+    os.kill(pid, sig)
+    signalled = time.monotonic()
+    with contextlib.suppress(ProcessLookupError):  # a killed process may be gone already
+        os.kill(pid, signal.SIGCONT)
+    return Interrupted(done, int(latest["step"]), str(latest["path"]), signalled)
 
 
 # -- what a finished run left ---------------------------------------------------------------------------
