@@ -142,9 +142,9 @@ def _interrupted(message: str, log_path: Path) -> int:
 def _interruption(result: Any) -> str | None:
     """How the run was interrupted (the interrupted step's own account), or None when it was not."""
     for event in result.all_events:
-        if not (event.is_step_failure and event.step_failure_data is not None):
+        if not (event.is_step_failure or event.is_run_failure):
             continue
-        chain, error = [], event.step_failure_data.error
+        chain, error = [], getattr(event.event_specific_data, "error", None)
         while error is not None:
             chain.append(error)
             error = error.cause
@@ -156,7 +156,12 @@ def _interruption(result: Any) -> str | None:
                 and not (e.cls_name or "").startswith("Dagster")
                 and e.cls_name not in _INTERRUPTS
             ]
-            return " ".join(told[0].split()) if told else f"interrupted during {event.step_key}"
+            where = f" during {event.step_key}" if event.step_key else ""
+            return (
+                told[0]
+                if told
+                else f"interrupted{where}; the same command resumes (training from its latest checkpoint)"
+            )
     return None
 
 
