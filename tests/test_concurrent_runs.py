@@ -164,6 +164,13 @@ def test_a_second_run_with_the_same_inputs_does_not_share_the_run_dir(
             LocalServiceClient(root=tmp_path / "e"), _spec(tiny_model_dir), _sft(4, 2), run_dir, key="k"
         )
     assert not (run_dir / "ledger.json").exists()
+
+    class TimesOut:  # the backend's own timeout stays a timeout (transient: the step is retried)
+        def create_lora_training_client(self, *args: object, **kwargs: object) -> None:
+            raise TimeoutError("the service did not answer")
+
+    with pytest.raises(TimeoutError, match="did not answer"):
+        run_training(TimesOut(), _spec(tiny_model_dir), _sft(4, 2), run_dir, key="k")  # type: ignore[arg-type]
     done = run_training(
         LocalServiceClient(root=tmp_path / "e"), _spec(tiny_model_dir), _sft(4, 2), run_dir, key="k"
     )

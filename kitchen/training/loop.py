@@ -24,7 +24,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -188,14 +188,15 @@ class RunDirInUseError(RuntimeError):
 
 @contextmanager
 def _claim(run_dir: Path) -> Iterator[None]:
-    try:
-        with file_lock(run_dir / LOCK_FILE, timeout_s=0):
-            yield
-    except TimeoutError:
-        raise RunDirInUseError(
-            f"another training run with the same inputs is running in {run_dir}; wait for it to finish "
-            "(rerunning then resumes from its checkpoints) or change an input"
-        ) from None
+    with ExitStack() as held:
+        try:
+            held.enter_context(file_lock(run_dir / LOCK_FILE, timeout_s=0))
+        except TimeoutError:  # only the claim's: a timeout while training is the backend's to judge
+            raise RunDirInUseError(
+                f"another training run with the same inputs is running in {run_dir}; wait for it to finish "
+                "(rerunning then resumes from its checkpoints) or change an input"
+            ) from None
+        yield
 
 
 def _run_training(
