@@ -2,7 +2,7 @@
 
 The dataset is loaded the way the workflow's ``dataset`` asset loads it before the base model is resolved:
 with the default (packaged) model, a bad dataset used to be reported after SmolLM2 had been dequantized,
-as Dagster's stack trace. Now: one line naming what is wrong and what to do, exit 2, no model resolved,
+as Dagster's stack trace. Now: one line naming what is wrong and what to do, exit 1, no model resolved,
 no Dagster run; the traceback in the run's log (or on the terminal with ``--verbose``).
 """
 
@@ -33,6 +33,15 @@ def _bad_sources(tmp_path: Path) -> dict[str, tuple[str, str]]:
     }
 
 
+def _no_runs(dagster_home: Path) -> bool:
+    """No Dagster run was launched in the CLI's instance."""
+    import dagster as dg
+    from dagster._core.instance.ref import InstanceRef
+
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home))) as instance:
+        return instance.get_runs() == []
+
+
 def _one_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1, stderr
@@ -42,34 +51,43 @@ def _one_line(stderr: str) -> str:
 @pytest.mark.parametrize("workflow", sorted(w.name for w in workflows()))
 @pytest.mark.parametrize("case", ["empty file", "no usable row", "unknown source", "missing file"])
 def test_a_bad_dataset_is_one_line_before_the_model_resolves(
-    workflow: str, case: str, tmp_path: Path, kitchen_home: Path, capfd: pytest.CaptureFixture[str]
+    workflow: str,
+    case: str,
+    tmp_path: Path,
+    kitchen_home: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """In process (``kitchen.cli.main``), every workflow: the default, packaged model is never touched."""
+    monkeypatch.setenv("DAGSTER_HOME", str(kitchen_home / "dagster"))  # the CLI sets it; undone after
     source, says = _bad_sources(tmp_path)[case]
-    assert main(["run", workflow, "--dataset", source]) == 2
+    assert main(["run", workflow, "--dataset", source]) == 1
     out, err = capfd.readouterr()
     line = _one_line(err)
     assert line.startswith("kitchen: dataset ") and says in line and "--dataset" in line, line
     assert "Traceback" not in out + err
     assert not (kitchen_home / "models").exists()  # the packaged model was not dequantized
-    assert not (kitchen_home / "dagster").exists()  # no Dagster run was started
+    assert _no_runs(kitchen_home / "dagster")
     log = Path(line.rsplit("traceback: ", 1)[1].rstrip(")"))
     assert "Traceback" in log.read_text()
 
 
-def test_the_command_exits_2_with_one_line(tmp_path: Path) -> None:
+def test_the_command_exits_1_with_one_line(tmp_path: Path) -> None:
     source, _ = _bad_sources(tmp_path)["empty file"]
     home = tmp_path / "home"
     started = time.monotonic()
     done = run_cli("supervised", ["--dataset", source], home, timeout=300)
-    assert done.returncode == 2, done.explain()
+    assert done.returncode == 1, done.explain()
     assert _one_line(done.stderr).startswith("kitchen: dataset ") and done.stdout == ""
-    assert not (home / "models").exists() and not (home / "dagster").exists()
+    assert not (home / "models").exists() and _no_runs(home / "dagster")
     print(f"bad dataset reported in {time.monotonic() - started:.1f}s (process start included)")
 
 
-def test_verbose_shows_the_traceback(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_verbose_shows_the_traceback(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
     source, _ = _bad_sources(tmp_path)["empty file"]
-    assert main(["run", "supervised", "--dataset", source, "--verbose"]) == 2
+    assert main(["run", "supervised", "--dataset", source, "--verbose"]) == 1
     err = capfd.readouterr().err
     assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("kitchen: dataset ")

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from kitchen.cli.instance import DAGSTER_INSTANCE_SETTINGS
 from kitchen.locks import file_lock, once
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def test_the_dagster_instance_on_a_fresh_home(tmp_path: Path) -> None:
     assert len({r["dagster_home"] for r in results}) == 1
     assert len({r["run_id"] for r in results}) == PROCESSES  # each ran on the one instance
     dagster_home = home / "dagster"
-    assert (dagster_home / "dagster.yaml").read_bytes() == (REPO / "scripts" / "dagster.yaml").read_bytes()
+    assert (dagster_home / "dagster.yaml").read_text() == DAGSTER_INSTANCE_SETTINGS  # Kitchen's settings
 
     import dagster as dg
 

@@ -62,15 +62,12 @@ def run_workflow(args: argparse.Namespace) -> int:
     log_path = home_dir("logs") / f"{workflow.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     if not verbose:
         os.environ.update({k: v for k, v in _QUIET_ENV.items() if k not in os.environ})
-    problem = _check_dataset(workflow, config, verbose, log_path)
-    if problem:
-        return _fail(problem, 2)
     prepare_dagster_home()
     try:
         defs = load_definitions(args.backend)
     except ValueError as err:
         return _fail(str(err), 2)
-    problem = _preflight(defs)
+    problem = _preflight(defs) or _check_dataset(workflow, config, verbose, log_path)
     if problem:
         return _fail(problem)
 

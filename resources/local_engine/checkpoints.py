@@ -51,8 +51,8 @@ class CheckpointWriteError(OSError):
 def _write_failed(target: Path, error: BaseException) -> CheckpointWriteError:
     reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
     failure = CheckpointWriteError(
-        f"cannot write checkpoint {target}: {reason or type(error).__name__}; free space there or make it "
-        "writable (it lives under KITCHEN_HOME), then rerun to resume from the last checkpoint"
+        f"cannot write checkpoint {target}: {reason or type(error).__name__}; if that disk is full or "
+        "KITCHEN_HOME is not writable there, fix it and rerun: training resumes from the last checkpoint"
     )
     failure.errno = error.errno if isinstance(error, OSError) else None
     return failure
