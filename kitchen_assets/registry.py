@@ -35,6 +35,7 @@ from kitchen.secrets import drop_secret_keys, redact_uri
 from kitchen.workflows import Workflow
 from kitchen.workflows.config import flatten_run_config
 from kitchen_assets.factory import asset_key, workflow_asset
+from kitchen_assets.io import source_materialization
 from kitchen_assets.metadata import markdown_table
 from resources.mlflow_registry import MlflowRegistry
 
@@ -59,10 +60,11 @@ def _run_config(context: dg.AssetExecutionContext) -> dict[str, Any]:
 
 
 def _upstream_runs(context: dg.AssetExecutionContext, keys: list[dg.AssetKey]) -> dict[str, str]:
-    """Upstream asset key -> the Dagster run that produced the materialisation being registered."""
+    """Upstream asset key -> the Dagster run that produced the materialisation being registered (this
+    run's own when it made it, not whichever run materialised the key last)."""
     runs = {}
     for key in keys:
-        event = context.instance.get_latest_materialization_event(key)
+        event = source_materialization(context.instance, context.run, key)
         runs[key.to_user_string()] = event.run_id if event is not None else ""
     return runs
 

@@ -45,21 +45,44 @@ class CheckpointError(ValueError):
     """A checkpoint exists but cannot be trusted or does not fit: the message says why."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, a read-only or unwritable home): names its path."""
+
+
+def _write_failed(target: Path, error: BaseException) -> CheckpointWriteError:
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    failure = CheckpointWriteError(
+        f"cannot write checkpoint {target}: {reason or type(error).__name__}; if that disk is full or "
+        "KITCHEN_HOME is not writable there, fix it and rerun: training resumes from the last checkpoint"
+    )
+    failure.errno = error.errno if isinstance(error, OSError) else None
+    return failure
+
+
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a staging directory that replaces ``target`` only if the block completes.
 
     An existing ``target`` is swapped out by two renames and then deleted, so a reader sees the old
-    checkpoint, briefly nothing, then the new one: never a mixture.
+    checkpoint, briefly nothing, then the new one: never a mixture. Any failure to write (the writers
+    report a full disk without a file name) is raised as ``CheckpointWriteError`` naming ``target``.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
-        yield staging
-        for path in staging.rglob("*"):
-            if path.is_file():
-                _fsync(path)
-        _swap_into_place(staging, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    except OSError as error:
+        raise _write_failed(target, error) from error
+    try:
+        try:
+            yield staging
+            for path in staging.rglob("*"):
+                if path.is_file():
+                    _fsync(path)
+            _swap_into_place(staging, target)
+        except Exception as error:
+            if isinstance(error, CheckpointError):
+                raise
+            raise _write_failed(target, error) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
