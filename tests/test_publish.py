@@ -69,7 +69,9 @@ def prompts(home: Path) -> list[str]:
         dataset = read_manifest(dg.AssetKey(["supervised", "dataset"]))
     assert isinstance(dataset, DatasetManifest)
     test = load_from_disk(dataset.path)["test"]
-    return [row["messages"][0]["content"] for row in test.select(range(4))]
+    return [
+        next(m["content"] for m in row["messages"] if m["role"] == "user") for row in test.select(range(4))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -356,6 +358,8 @@ def test_push_uploads_the_export_and_tags_the_version(
     assert tags["kitchen.hub.url"] == f"{hub.url}/{repo}"
     assert tags["kitchen.hub.commit"] == pushed.commits[0]
     assert f"{hub.url}/{repo}" in printed.out and pushed.commits[0] in printed.out
+    assert main(["models", "show", REF]) == 0
+    assert f"hugging face hub: {hub.url}/{repo}  adapter  {pushed.commits[0]}" in capsys.readouterr().out
 
     # The token went in Authorization headers only: not printed, logged, recorded or written.
     everything = printed.out + printed.err + caplog.text + json.dumps(tags)
@@ -409,3 +413,52 @@ def test_push_refuses_bad_input_before_uploading(
     assert not any("/preupload/" in p or "/commit/" in p for _, p, _ in hub.state.requests)
     tags = ModelRegistry(default_tracking_uri()).resolve(REF).tags
     assert tags.get("kitchen.hub.repo") not in ("kitchen-org/m", "someone-else/m")
+
+
+def test_a_chained_version_names_the_base_its_first_ancestor_trained_on(tmp_path: Path) -> None:
+    """``--model models:/sft@champion`` runs record the registered version as base; the export follows it."""
+    from types import SimpleNamespace
+
+    from kitchen.publish.base import PublishError, recorded_base
+
+    first = tmp_path / "sft-1"
+    first.mkdir()
+    hub_base = {
+        "name": "org/base",
+        "source": "hub",
+        "content_hash": "h0",
+        "revision": "r0",
+        "backend_model": "/x",
+    }
+    (first / "kitchen_model.json").write_text(json.dumps({"base_model": hub_base}))
+
+    class Registry:
+        def resolve(self, ref: object) -> SimpleNamespace:
+            assert str(ref) == "sft/1"
+            return SimpleNamespace(version=SimpleNamespace(name="sft", version="1"), number="1", tags={})
+
+        def download(self, view: object) -> Path:
+            return first
+
+    started = {
+        "name": "models:/sft@champion",
+        "source": "registry",
+        "content_hash": "w1",
+        "backend_model": "/x",
+    }
+    view = SimpleNamespace(
+        version=SimpleNamespace(name="dpo", version="2"),
+        number="2",
+        tags={"kitchen.base_model.registered_version": "models:/sft/1"},
+    )
+    found = recorded_base(Registry(), view, {"base_model": started})  # type: ignore[arg-type]
+    assert (found.name, found.source, found.content_hash, found.revision, found.chain) == (
+        "org/base",
+        "hub",
+        "h0",
+        "r0",
+        ("models:/sft/1",),
+    )
+    untagged = SimpleNamespace(version=view.version, number="2", tags={})
+    with pytest.raises(PublishError, match="does not record which version"):
+        recorded_base(Registry(), untagged, {"base_model": started})  # type: ignore[arg-type]

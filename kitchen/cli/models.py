@@ -35,6 +35,7 @@ _LINEAGE = (
     ("training", ("kitchen.training.steps", "kitchen.training.final_loss")),
     ("code", ("kitchen.code.version", "kitchen.code.git_commit")),
     ("dagster run", ("dagster.run_id", "dagster.run_url")),
+    ("hugging face hub", ("kitchen.hub.url", "kitchen.hub.kind", "kitchen.hub.commit")),
 )
 
 
