@@ -33,7 +33,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         monkeypatch.delenv(f"KITCHEN_HUB_RELEASE_{setting}", raising=False)
         monkeypatch.delenv(f"KITCHEN_SUPERVISED_HUB_RELEASE_{setting}", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no token saved by `hf auth login`
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "token"))  # no saved token
 
 
 @pytest.fixture
