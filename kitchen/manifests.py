@@ -143,6 +143,18 @@ class RegisteredModelManifest(Manifest):
     gate_passed: bool
 
 
+class HubReleaseManifest(Manifest):
+    """A registered version published to the Hugging Face Hub (or why it was not)."""
+
+    model_uri: str = Field(description="models:/NAME/VERSION that was (or would have been) published")
+    published: bool = Field(description="False when skipped: not the champion, or already on the Hub.")
+    reason: str
+    repo_id: str
+    url: str | None = None
+    commit: str | None = None
+    kind: Literal["adapter", "merged"] = "adapter"
+
+
 def manifest_payload(manifest: Manifest) -> dict[str, object]:
     """The JSON form a manifest is stored in: its type name and its fields."""
     return {"type": type(manifest).__name__, "data": manifest.model_dump(mode="json")}

@@ -10,6 +10,7 @@ from kitchen.workflows import Workflow
 from kitchen_assets.checks import eval_gate_check
 from kitchen_assets.common import base_model_asset, dataset_asset
 from kitchen_assets.evaluation import eval_report_asset
+from kitchen_assets.hub_release import HubReleaseSettings, hub_release_assets, hub_release_settings
 from kitchen_assets.registry import registered_model_asset
 from kitchen_assets.training import training_asset
 
@@ -31,15 +32,16 @@ def own_assets(workflow: Workflow) -> list[dg.AssetsDefinition]:
     return built
 
 
-_BUILT: dict[int, list[AssetLike]] = {}
+_BUILT: dict[tuple[int, HubReleaseSettings | None], list[AssetLike]] = {}
 
 
 def workflow_assets(workflow: Workflow) -> list[AssetLike]:
-    """Built once per workflow object: every ``Definitions`` (local or Tinker backend) shares them, since
-    only the resources differ."""
-    built = _BUILT.get(id(workflow))
+    """Built once per workflow object (and optional-asset settings): every ``Definitions`` (local or
+    Tinker backend) shares them, since only the resources differ."""
+    release = hub_release_settings(workflow)  # off unless the environment names a Hub repo
+    built = _BUILT.get((id(workflow), release))
     if built is None:
-        built = _BUILT[id(workflow)] = _build(workflow)
+        built = _BUILT[(id(workflow), release)] = [*_build(workflow), *hub_release_assets(workflow, release)]
     return built
 
 
