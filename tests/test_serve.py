@@ -30,13 +30,19 @@ from tinker import types
 
 from kitchen.cli import main
 from kitchen.hashing import ADAPTER_FILES, hash_file, hash_json
+from kitchen.manifests import DeploymentManifest
 from kitchen.registry import ModelRegistry, default_tracking_uri
 from kitchen.registry.loading import sampler_path
 from kitchen.registry.register import DESCRIPTOR
 from kitchen.registry.store import MODEL_ARTIFACT_DIR, WEIGHTS_HASH_TAG
+from kitchen.workflows import get_workflow
 from kitchen_assets.definitions import build_definitions
+from kitchen_assets.io import ManifestIOManager, read_manifest
+from kitchen_assets.workflows import workflow_assets
 from resources.local_engine import LocalServiceClient
 from resources.local_engine.checkpoints import SAMPLER_MANIFEST
+from resources.mlflow_registry import MlflowRegistry
+from resources.training import LocalBackend
 
 NAME = "supervised-tiny-kitchen-arithmetic"
 REF = f"models:/{NAME}@champion"
@@ -45,6 +51,7 @@ WRONG = "ksk-wrong-9876543210fedcba"
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = [{"role": "user", "content": "What is 17 + 25?"}]
 LIMIT = 48
+DEPLOYMENT = dg.AssetKey(["supervised", "deployment"])
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +251,50 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(
     assert after["submissions"] - before["submissions"] < len(questions)  # some arrived together
 
 
+def _materialise_deployment(url: str) -> tuple[dg.ExecuteInProcessResult, DeploymentManifest | None]:
+    """``supervised/deployment`` alone (its input is the module's registration), pointed at ``url``."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KITCHEN_SUPERVISED_DEPLOYMENT_URL", url)
+        mp.setenv("KITCHEN_SUPERVISED_DEPLOYMENT_WAIT_S", "60")
+        assets = workflow_assets(get_workflow("supervised"))
+        [asset] = [a for a in assets if isinstance(a, dg.AssetsDefinition) and DEPLOYMENT in a.keys]
+        assert asset.asset_deps[DEPLOYMENT] == {dg.AssetKey(["supervised", "registered_model"])}  # lineage
+        with dg.DagsterInstance.ephemeral() as instance:
+            result = dg.materialize(
+                assets,
+                selection=[DEPLOYMENT],
+                resources={
+                    "training": LocalBackend(),
+                    "registry": MlflowRegistry(),
+                    "io_manager": ManifestIOManager(),
+                },
+                instance=instance,
+                raise_on_error=False,
+            )
+    manifest = read_manifest(DEPLOYMENT) if result.success else None
+    assert manifest is None or isinstance(manifest, DeploymentManifest)
+    return result, manifest
+
+
+def test_deployment_asset_records_what_the_server_serves(server: Server) -> None:
+    assert DEPLOYMENT not in {
+        k for a in workflow_assets(get_workflow("supervised")) for k in a.keys
+    }  # opt-in
+    result, deployment = _materialise_deployment(server.url)
+    assert result.success and deployment is not None
+    assert deployment.served_ref == f"{NAME}@champion" and deployment.served_version == f"{NAME}/1"
+    assert deployment.current and deployment.registered_uri == f"models:/{NAME}/1"
+    tags = ModelRegistry(default_tracking_uri()).version(NAME, "1").tags
+    assert (
+        tags["kitchen.deployment.url"] == server.url and tags["kitchen.deployment.ref"] == f"{NAME}@champion"
+    )
+
+    down, nothing = _materialise_deployment(f"http://127.0.0.1:{_free_port()}")
+    assert not down.success and nothing is None
+    failure = down.get_step_failure_events()[0].event_specific_data
+    assert "unreachable" in str(failure)
+
+
 def _register_perturbed_version(registry: ModelRegistry) -> str:
     """A second version of NAME with different adapter weights, logged and registered as Kitchen does
     (files under an MLflow run, the weights-hash tag the loader checks), but not promoted."""
@@ -294,10 +345,12 @@ def test_champion_move_is_picked_up_without_restart(server: Server, engine: Loca
     assert server.health()["version"] == f"{NAME}/1"  # registering alone moves nothing
 
     registry.client.set_registered_model_alias(NAME, "champion", version)
-    deadline = time.monotonic() + 60
-    while server.health()["version"] != f"{NAME}/2":
-        assert time.monotonic() < deadline, server.log.read_text()[-3000:]
-        time.sleep(0.25)
+    # The deployment asset waits for the server to pick the new champion up, then records it.
+    result, deployment = _materialise_deployment(server.url)
+    assert result.success and deployment is not None, server.log.read_text()[-3000:]
+    assert deployment.served_version == f"{NAME}/2" and not deployment.current
+    assert f"models:/{NAME}/1 was registered as champion" in deployment.reason
+    assert server.health()["version"] == f"{NAME}/2"
     client = _client(server)
     raw = client.chat.completions.with_raw_response.create(
         model=REF, messages=QUESTION, max_tokens=16, temperature=1.0, seed=21

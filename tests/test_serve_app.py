@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -213,3 +214,25 @@ def test_concurrent_requests_are_generated_together(sampler: LocalSamplingClient
     batched = asyncio.run(together())
     assert [r.sequences[0].tokens for r in batched] == [r.sequences[0].tokens for r in alone]
     assert max(sampler.batch_sizes[before:]) > 1  # the engine generated several requests as one batch
+
+
+def test_deployment_asset_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The optional ``deployment`` asset is off without a server named; bad values name the variable."""
+    from kitchen.workflows import get_workflow
+    from kitchen_assets.deployment import deployment_settings
+
+    supervised = get_workflow("supervised")
+    for name in ("KITCHEN_DEPLOYMENT_URL", "KITCHEN_SUPERVISED_DEPLOYMENT_URL", "KITCHEN_DEPLOYMENT_WAIT_S"):
+        monkeypatch.delenv(name, raising=False)
+    assert deployment_settings(supervised) is None
+    monkeypatch.setenv("KITCHEN_DEPLOYMENT_URL", "http://127.0.0.1:8000/{workflow}/")
+    settings = deployment_settings(supervised)
+    assert settings is not None and settings.wait_s == 30
+    assert settings.url == "http://127.0.0.1:8000/supervised"
+    monkeypatch.setenv("KITCHEN_SUPERVISED_DEPLOYMENT_URL", "127.0.0.1:8000")
+    with pytest.raises(ValueError, match=re.escape("KITCHEN_SUPERVISED_DEPLOYMENT_URL='127.0.0.1:8000'")):
+        deployment_settings(supervised)
+    monkeypatch.delenv("KITCHEN_SUPERVISED_DEPLOYMENT_URL")
+    monkeypatch.setenv("KITCHEN_DEPLOYMENT_WAIT_S", "soon")
+    with pytest.raises(ValueError, match="KITCHEN_DEPLOYMENT_WAIT_S='soon'"):
+        deployment_settings(supervised)
