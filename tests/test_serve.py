@@ -35,6 +35,7 @@ from kitchen.registry import ModelRegistry, default_tracking_uri
 from kitchen.registry.loading import sampler_path
 from kitchen.registry.register import DESCRIPTOR
 from kitchen.registry.store import MODEL_ARTIFACT_DIR, WEIGHTS_HASH_TAG
+from kitchen.serve.feedback import FeedbackStore
 from kitchen.workflows import get_workflow
 from kitchen_assets.definitions import build_definitions
 from kitchen_assets.io import ManifestIOManager, read_manifest
@@ -150,7 +151,7 @@ def _client(server: Server, key: str = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def test_openai_client_plain_and_streaming(server: Server, engine: LocalServiceClient) -> None:
+def test_openai_client_plain_and_streaming(server: Server, engine: LocalServiceClient, home: Path) -> None:
     client = _client(server)
     assert {m.id for m in client.models.list()} == {f"{NAME}@champion", f"{NAME}/1"}
 
@@ -166,6 +167,17 @@ def test_openai_client_plain_and_streaming(server: Server, engine: LocalServiceC
     assert completion.usage is not None
     assert completion.usage.prompt_tokens == prompt_tokens
     assert completion.usage.completion_tokens == len(sequences[0].tokens)
+
+    # Feedback on it is kept (in the home's feedback.db) with the prompt, the reply and the version.
+    rated = httpx.post(
+        f"{server.url}/v1/feedback",
+        json={"completion_id": completion.id, "rating": "down", "correction": "42"},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert rated.status_code == 200 and rated.json()["model"] == f"{NAME}/1"
+    [kept] = [f for f in FeedbackStore(home / "feedback.db").feedback() if f.completion_id == completion.id]
+    assert (kept.messages, kept.reply, kept.model_version) == (QUESTION, texts[0], f"{NAME}/1")
+    assert (kept.rating, kept.correction) == ("down", "42")
 
     # Several seeded choices, the name without models:/, and the same answers streamed.
     texts, _, _ = expected(engine, "1", QUESTION, n=2, max_tokens=12, temperature=0.8, top_p=0.95, seed=11)
@@ -218,6 +230,12 @@ def test_bad_requests_get_4xx_from_the_client(server: Server) -> None:
         headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
     )
     assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "invalid_json"
+    unknown = httpx.post(
+        f"{server.url}/v1/feedback",
+        json={"completion_id": "chatcmpl-0000", "rating": "up"},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "completion_not_found"
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from tinker import types
 
 from kitchen.serve import Batcher, ModelSource, ServeSettings, create_app
+from kitchen.serve.feedback import FeedbackStore
 from resources.local_engine import LocalSamplingClient, LocalServiceClient
 
 KEY = "serve-test-key-0123456789"
@@ -52,14 +53,20 @@ def sampler(service: LocalServiceClient, tiny_model_dir: Path) -> LocalSamplingC
 
 
 @pytest.fixture
-def http(service: LocalServiceClient, tiny_model_dir: Path) -> Iterator[TestClient]:
+def feedback_db(tmp_path: Path) -> Path:
+    return tmp_path / "feedback.db"
+
+
+@pytest.fixture
+def http(service: LocalServiceClient, tiny_model_dir: Path, feedback_db: Path) -> Iterator[TestClient]:
     source = ModelSource(
         BaseLocator(tiny_model_dir),
         lambda path: service.create_sampling_client(base_model=path).result(),
         poll_s=None,
     )
     settings = ServeSettings(api_key=KEY, max_tokens_limit=32, max_request_bytes=4096, max_n=4)
-    with TestClient(create_app(source, settings), headers={"Authorization": f"Bearer {KEY}"}) as client:
+    app = create_app(source, settings, FeedbackStore(feedback_db))
+    with TestClient(app, headers={"Authorization": f"Bearer {KEY}"}) as client:
         yield client
 
 
@@ -236,3 +243,51 @@ def test_deployment_asset_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KITCHEN_DEPLOYMENT_WAIT_S", "soon")
     with pytest.raises(ValueError, match="KITCHEN_DEPLOYMENT_WAIT_S='soon'"):
         deployment_settings(supervised)
+
+
+def test_feedback_is_kept_with_the_prompt_reply_and_version(http: TestClient, feedback_db: Path) -> None:
+    body = chat(http, max_tokens=8, temperature=1.0, seed=1, n=2).json()
+    cid, replies = body["id"], [c["message"]["content"] for c in body["choices"]]
+    down = http.post("/v1/feedback", json={"completion_id": cid, "rating": "down", "correction": "42"})
+    assert down.status_code == 200, down.text
+    receipt = down.json()
+    assert receipt["object"] == "feedback" and receipt["completion_id"] == cid and receipt["model"] == "tiny"
+    scored = http.post("/v1/feedback", json={"completion_id": cid, "choice_index": 1, "score": 0.5})
+    assert scored.status_code == 200
+    request = {"model": "tiny", "messages": QUESTION, "max_tokens": 4, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=request) as streamed:
+        events = [line[6:] for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    first = json.loads(events[0])
+    up = http.post("/v1/feedback", json={"completion_id": first["id"], "rating": "up"})
+    assert up.status_code == 200  # streamed completions are kept too
+
+    # Refused feedback gets the matching 4xx and stores nothing.
+    refused = [
+        ({"completion_id": "chatcmpl-unknown", "rating": "up"}, 404, "completion_not_found"),
+        ({"completion_id": cid, "choice_index": 2, "rating": "up"}, 404, "completion_not_found"),
+        ({"completion_id": cid}, 400, "invalid_value"),
+        ({"completion_id": cid, "rating": "meh"}, 400, "invalid_value"),
+        ({"completion_id": cid, "rating": "up", "comment": "?"}, 400, "invalid_value"),
+    ]
+    for payload, status, code in refused:
+        response = http.post("/v1/feedback", json=payload)
+        assert response.status_code == status and response.json()["error"]["code"] == code, payload
+    denied = http.post(
+        "/v1/feedback", json={"completion_id": cid, "rating": "up"}, headers={"Authorization": ""}
+    )
+    assert denied.status_code == 401
+    # A refused completion request is not kept either.
+    kept = FeedbackStore(feedback_db).completion_count()
+    assert chat(http, max_tokens=999).status_code == 400
+    assert FeedbackStore(feedback_db).completion_count() == kept == 2
+
+    stored = FeedbackStore(feedback_db).feedback()  # a fresh store on the same file: it is durable
+    assert [(f.completion_id, f.choice_index, f.rating, f.score, f.correction) for f in stored] == [
+        (cid, 0, "down", None, "42"),
+        (cid, 1, None, 0.5, None),
+        (first["id"], 0, "up", None, None),
+    ]
+    assert [f.reply for f in stored[:2]] == replies
+    assert all(f.messages == QUESTION and f.model_version == "tiny" for f in stored)
+    assert [f.seq for f in FeedbackStore(feedback_db).feedback(after_seq=stored[1].seq)] == [stored[2].seq]

@@ -69,6 +69,17 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--max-n", type=int, default=8, help="largest n (choices per request; default 8)")
     serve.add_argument(
+        "--feedback-db",
+        type=Path,
+        help="SQLite file keeping completions and the feedback posted on them (default "
+        "$KITCHEN_HOME/feedback.db)",
+    )
+    serve.add_argument(
+        "--no-feedback",
+        action="store_true",
+        help="keep no completions; POST /v1/feedback answers 404",
+    )
+    serve.add_argument(
         "--batch-window-ms",
         type=float,
         default=5.0,
@@ -83,6 +94,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from kitchen.registry.names import parse_model_ref
     from kitchen.registry.store import ModelRegistry, RegistryError, default_tracking_uri
     from kitchen.serve import ModelSource, RegistryLocator, SamplerLocator, ServeSettings, create_app
+    from kitchen.serve.feedback import FeedbackStore
     from kitchen.serve.source import Locator
 
     api_key = os.environ.get(args.api_key_env) or None
@@ -127,7 +139,11 @@ def serve_command(args: argparse.Namespace) -> int:
         f"{following}; bearer key {'required' if api_key else 'not required'}",
         flush=True,
     )
-    uvicorn.run(create_app(source, settings), host=args.host, port=args.port, log_level="info")
+    feedback = None if args.no_feedback else FeedbackStore(args.feedback_db)
+    if feedback is not None:
+        print(f"kitchen: completions and feedback are kept in {feedback.path}", flush=True)
+    app = create_app(source, settings, feedback)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
 

@@ -16,6 +16,7 @@ contents are not logged either (one line per completion: id, version, token coun
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -24,7 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -35,6 +36,7 @@ from tinker import types
 from kitchen.contract import ResultFuture
 from kitchen.data.datums import generation_prompt
 from kitchen.serve.batching import Batcher, wait_result
+from kitchen.serve.feedback import FeedbackStore, UnknownCompletion
 from kitchen.serve.schema import (
     AssistantMessage,
     ChatCompletion,
@@ -45,6 +47,8 @@ from kitchen.serve.schema import (
     Delta,
     ErrorBody,
     ErrorDetail,
+    FeedbackReceipt,
+    FeedbackRequest,
     ModelCard,
     ModelList,
     Usage,
@@ -54,6 +58,7 @@ from kitchen.serve.source import ModelSource, Served
 log = logging.getLogger("kitchen.serve")
 
 VERSION_HEADER = "X-Kitchen-Model-Version"
+_Body = TypeVar("_Body", bound=BaseModel)
 API_KEY_ENV = "KITCHEN_SERVE_API_KEY"
 
 
@@ -92,8 +97,11 @@ def _error_response(error: APIError) -> JSONResponse:
     return JSONResponse(ErrorBody(error=error.detail).model_dump(), status_code=error.status, headers=headers)
 
 
-def create_app(source: ModelSource, settings: ServeSettings | None = None) -> FastAPI:
-    """The app serving ``source`` (loaded at startup if it is not yet), polling it while it runs."""
+def create_app(
+    source: ModelSource, settings: ServeSettings | None = None, feedback: FeedbackStore | None = None
+) -> FastAPI:
+    """The app serving ``source`` (loaded at startup if it is not yet), polling it while it runs. With
+    ``feedback``, completions are recorded and ``POST /v1/feedback`` accepts ratings of them."""
     settings = settings or ServeSettings()
     batcher = Batcher(window_s=settings.batch_window_s, max_batch=settings.max_batch)
 
@@ -221,6 +229,8 @@ def create_app(source: ModelSource, settings: ServeSettings | None = None) -> Fa
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         finish = _Finisher(served, chat.stop_list(), len(prompt), completion_id, started)
+        if feedback is not None:
+            finish.record = _recorder(feedback, completion_id, served.version, _messages(chat))
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return StreamingResponse(
@@ -230,6 +240,7 @@ def create_app(source: ModelSource, settings: ServeSettings | None = None) -> Fa
             )
         response = await _result(future)
         choices, usage = finish(response)
+        await finish.save(choices)
         completion = ChatCompletion(
             id=completion_id,
             created=created,
@@ -243,7 +254,50 @@ def create_app(source: ModelSource, settings: ServeSettings | None = None) -> Fa
         )
         return JSONResponse(completion.model_dump(), headers=version_headers(served))
 
+    @app.post("/v1/feedback")
+    async def post_feedback(request: Request) -> JSONResponse:
+        authorize(request)
+        if feedback is None:
+            raise APIError(404, "feedback is off on this server", type="not_found", code="feedback_off")
+        body = _parse_as(FeedbackRequest, await _read_body(request, settings.max_request_bytes))
+        try:
+            stored = await asyncio.to_thread(
+                feedback.add_feedback,
+                body.completion_id,
+                choice_index=body.choice_index,
+                rating=body.rating,
+                score=body.score,
+                correction=body.correction,
+            )
+        except UnknownCompletion as err:
+            raise APIError(404, str(err), param="completion_id", code="completion_not_found") from err
+        log.info("%s on %s (%s)", stored.id, stored.completion_id, stored.model_version)
+        receipt = FeedbackReceipt(
+            id=stored.id,
+            created=int(stored.created),
+            completion_id=stored.completion_id,
+            choice_index=stored.choice_index,
+            model=stored.model_version,
+        )
+        return JSONResponse(receipt.model_dump(), headers={VERSION_HEADER: stored.model_version})
+
     return app
+
+
+def _messages(chat: ChatCompletionRequest) -> list[dict[str, str]]:
+    """The conversation as the chat template sees it (``developer`` is a system turn)."""
+    return [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in chat.messages
+    ]
+
+
+def _recorder(
+    store: FeedbackStore, cid: str, version: str, messages: list[dict[str, str]]
+) -> Callable[[list[str]], None]:
+    def record(choices: list[str]) -> None:
+        store.record_completion(cid, version, messages, choices)
+
+    return record
 
 
 class _Finisher:
@@ -255,6 +309,12 @@ class _Finisher:
     ) -> None:
         self.served, self.stops, self.prompt_tokens = served, stops, prompt_tokens
         self.cid, self.started = cid, started
+        self.record: Callable[[list[str]], None] | None = None
+
+    async def save(self, choices: list[tuple[str, Any]]) -> None:
+        """Keep the completion for feedback (off the event loop: SQLite writes to disk)."""
+        if self.record is not None:
+            await asyncio.to_thread(self.record, [text for text, _ in choices])
 
     def __call__(self, response: types.SampleResponse) -> tuple[list[tuple[str, Any]], Usage]:
         choices = []
@@ -290,7 +350,7 @@ async def _events(
     created: int,
     n: int,
     include_usage: bool,
-    finish: Callable[[types.SampleResponse], tuple[list[tuple[str, Any]], Usage]],
+    finish: _Finisher,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         body = ChatCompletionChunk(
@@ -311,6 +371,7 @@ async def _events(
         yield "data: [DONE]\n\n"
         return
     choices, usage = finish(response)
+    await finish.save(choices)
     for index, (text, _) in enumerate(choices):
         yield chunk([ChunkChoice(index=index, delta=Delta(content=text))])
     for index, (_, reason) in enumerate(choices):
@@ -350,6 +411,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _parse(body: bytes) -> ChatCompletionRequest:
+    return _parse_as(ChatCompletionRequest, body)
+
+
+def _parse_as(model: type[_Body], body: bytes) -> _Body:
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -357,11 +422,12 @@ def _parse(body: bytes) -> ChatCompletionRequest:
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     try:
-        return ChatCompletionRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        raise APIError(400, f"{param}: {first['msg']}", param=param, code="invalid_value") from err
+        message = f"{param}: {first['msg']}" if param else str(first["msg"])
+        raise APIError(400, message, param=param, code="invalid_value") from err
 
 
 def _same_model(asked: str, known: str) -> bool:
@@ -379,11 +445,8 @@ def _unknown_model(asked: str, name: str, served: Served) -> APIError:
 
 
 def _render(chat: ChatCompletionRequest, tokenizer: Any) -> list[int]:
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in chat.messages
-    ]
     try:
-        return generation_prompt(messages, tokenizer)
+        return generation_prompt(_messages(chat), tokenizer)
     except Exception as err:  # the template refuses the conversation (e.g. roles out of order)
         raise APIError(
             400, f"the model's chat template cannot render these messages: {err}", param="messages"

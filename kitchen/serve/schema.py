@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 
@@ -159,6 +159,34 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class FeedbackRequest(BaseModel):
+    """``POST /v1/feedback``: a rating, a score (higher is better) and/or a corrected or preferred reply
+    for one choice of a completion this server returned."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    completion_id: str = Field(min_length=1)
+    choice_index: int = Field(default=0, ge=0)
+    rating: Literal["up", "down"] | None = None
+    score: float | None = Field(default=None, allow_inf_nan=False)
+    correction: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _something(self) -> FeedbackRequest:
+        if self.rating is None and self.score is None and self.correction is None:
+            raise ValueError("give a rating ('up' or 'down'), a score or a correction")
+        return self
+
+
+class FeedbackReceipt(BaseModel):
+    id: str
+    object: Literal["feedback"] = "feedback"
+    created: int
+    completion_id: str
+    choice_index: int
+    model: str = Field(description="The version that produced the rated reply.")
 
 
 class ErrorDetail(BaseModel):
