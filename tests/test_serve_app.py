@@ -291,3 +291,37 @@ def test_feedback_is_kept_with_the_prompt_reply_and_version(http: TestClient, fe
     assert [f.reply for f in stored[:2]] == replies
     assert all(f.messages == QUESTION and f.model_version == "tiny" for f in stored)
     assert [f.seq for f in FeedbackStore(feedback_db).feedback(after_seq=stored[1].seq)] == [stored[2].seq]
+
+
+def test_a_failing_registry_check_keeps_the_served_version(sampler: LocalSamplingClient) -> None:
+    """The source swaps versions only on a successful check; a failing one is recorded, not fatal."""
+
+    class MovingLocator:
+        name = "m@champion"
+
+        def __init__(self) -> None:
+            self.answers: list[str | Exception] = ["m/1", RuntimeError("registry down"), "m/2"]
+            self.opened: list[str] = []
+
+        def current_version(self) -> str:
+            answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        def sampler_path(self, version: str) -> str:
+            return f"path-of-{version}"
+
+    locator = MovingLocator()
+
+    def open_sampler(path: str) -> LocalSamplingClient:
+        locator.opened.append(path)
+        return sampler
+
+    source = ModelSource(locator, open_sampler, poll_s=None)
+    assert source.load().version == "m/1"
+    assert source.refresh() is False and source.served.version == "m/1"
+    assert source.last_error == "RuntimeError: registry down"
+    assert source.refresh() is True and source.served.version == "m/2" and source.last_error is None
+    assert source.refresh() is False  # unchanged: nothing reopened
+    assert locator.opened == ["path-of-m/1", "path-of-m/2"]

@@ -107,7 +107,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if source._served is None:
+        if not source.loaded:
             source.load()
         source.start()
         batcher.start()

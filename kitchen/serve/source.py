@@ -109,6 +109,10 @@ class ModelSource:
         self.last_error: str | None = None
 
     @property
+    def loaded(self) -> bool:
+        return self._served is not None
+
+    @property
     def served(self) -> Served:
         served = self._served
         if served is None:
