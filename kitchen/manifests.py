@@ -155,6 +155,18 @@ class HubReleaseManifest(Manifest):
     kind: Literal["adapter", "merged"] = "adapter"
 
 
+class DeploymentManifest(Manifest):
+    """Which version a running ``kitchen serve`` serves, as the server itself reports it."""
+
+    url: str = Field(description="The server, credentials removed.")
+    served_ref: str = Field(description="What the server follows (NAME@champion) or serves (NAME/3).")
+    served_version: str = Field(description="NAME/VERSION the server answered with.")
+    model_uri: str = Field(description="models:/NAME/VERSION of the served version.")
+    registered_uri: str = Field(description="models:/NAME/VERSION the upstream registration produced.")
+    current: bool = Field(description="Whether the served version is the one just registered.")
+    reason: str
+
+
 def manifest_payload(manifest: Manifest) -> dict[str, object]:
     """The JSON form a manifest is stored in: its type name and its fields."""
     return {"type": type(manifest).__name__, "data": manifest.model_dump(mode="json")}
