@@ -10,6 +10,7 @@ from dagster._core.definitions.unresolved_asset_job_definition import Unresolved
 
 from jobs.automation import evaluation_job, new_weights_sensor
 from jobs.feedback import FeedbackRetrainSettings, feedback_job, feedback_sensor, feedback_target
+from jobs.lifecycle import run_lifecycle_sensors
 from jobs.sensors import RetrainSettings, failure_settings_from_env, retraining_sensor, run_failure_recorder
 from jobs.workflow_jobs import job_name, workflow_job
 from kitchen.workflows import Workflow
@@ -24,9 +25,10 @@ class Automation:
 
 def kitchen_automation(workflows: Sequence[Workflow]) -> Automation:
     """Per workflow: ``<name>_job`` (the whole group), ``<name>_evaluation_job``, retraining on dataset
-    change and evaluation of new weights; one failure recorder for every job; with ``KITCHEN_FEEDBACK=on``,
-    ``feedback_job`` and retraining on served feedback. Sensors are configured from the environment when
-    the code location loads (``jobs.sensors``, ``jobs.automation``, ``jobs.feedback``)."""
+    change and evaluation of new weights; for every job, one failure recorder and the run lifecycle
+    telemetry sensors; with ``KITCHEN_FEEDBACK=on``, ``feedback_job`` and retraining on served feedback.
+    Sensors are configured from the environment when the code location loads (``jobs.sensors``,
+    ``jobs.automation``, ``jobs.feedback``, ``jobs.lifecycle``)."""
     jobs: list[UnresolvedAssetJobDefinition] = []
     sensors: list[dg.SensorDefinition] = []
     by_name: dict[str, UnresolvedAssetJobDefinition] = {}
@@ -44,6 +46,7 @@ def kitchen_automation(workflows: Sequence[Workflow]) -> Automation:
             settings = FeedbackRetrainSettings.from_env(target)
             sensors.append(feedback_sensor(settings, store, [feedback, by_name[target.name]]))
     sensors.append(run_failure_recorder(**failure_settings_from_env()))
+    sensors += run_lifecycle_sensors()
     return Automation(jobs, sensors)
 
 

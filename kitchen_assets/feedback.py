@@ -23,9 +23,11 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from kitchen import telemetry
 from kitchen.feedback import build_training_data, write_training_data
 from kitchen.manifests import FeedbackDataManifest
 from kitchen.serve.feedback import FeedbackStore, default_feedback_path
+from kitchen.telemetry.events import FEEDBACK_RECEIVED
 from kitchen.workflows import Workflow
 from kitchen_assets.telemetry import instrumented
 
@@ -141,6 +143,22 @@ def feedback_asset(settings: FeedbackSettings) -> dg.AssetsDefinition:
         context.log.info(
             f"feedback batch {manifest.batch}: {manifest.feedback} pieces of feedback -> "
             f"{manifest.pairs} pairs, {manifest.sft_rows} SFT rows; skipped {manifest.skipped or 'none'}"
+        )
+        telemetry.emit(
+            FEEDBACK_RECEIVED,
+            {
+                "feedback": manifest.feedback,
+                "pairs": manifest.pairs,
+                "sft_rows": manifest.sft_rows,
+                "skipped": sum(manifest.skipped.values()),
+            },
+            {
+                "batch": manifest.batch,
+                "after_seq": manifest.after_seq,
+                "last_seq": manifest.last_seq,
+                "by_version": manifest.by_version,
+                "skipped_by_reason": manifest.skipped,
+            },
         )
         files = {
             name: dg.MetadataValue.path(value)

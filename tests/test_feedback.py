@@ -17,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from test_serve_app import BaseLocator
 
+from kitchen import telemetry
 from kitchen.feedback import build_training_data, served_model_name, write_training_data
 from kitchen.manifests import FeedbackDataManifest
 from kitchen.serve import ModelSource, ServeSettings, create_app
@@ -167,7 +168,11 @@ def test_the_asset_turns_posted_feedback_into_batches(http: TestClient, tmp_path
     _feedback(http, completion_id=first, rating="down", correction="42")
     _feedback(http, completion_id=first, choice_index=1, rating="up")
 
-    with dg.DagsterInstance.ephemeral() as instance:
+    received: list[telemetry.TelemetryEvent] = []
+    with (
+        dg.DagsterInstance.ephemeral() as instance,
+        telemetry.attached_handler("feedback-test", telemetry.FEEDBACK_RECEIVED, received.append),
+    ):
         one = _materialize(settings, instance)
         assert (one.batch, one.feedback, one.pairs, one.sft_rows) == ("000000-000002", 2, 2, 1)
         assert _read(one.pairs_path) == [_pair(Q1, "42", replies[0]), _pair(Q1, replies[1], replies[0])]
@@ -175,6 +180,10 @@ def test_the_asset_turns_posted_feedback_into_batches(http: TestClient, tmp_path
         assert one.skipped == {"unpaired": 1}  # the first down-vote had no up-vote yet
         assert one.by_version == {"tiny": {"feedback": 2, "pairs": 2, "sft_rows": 1}}
         assert one.model_names == []  # "tiny" is no registered version
+        [event] = received
+        assert event.measurements == {"feedback": 2, "pairs": 2, "sft_rows": 1, "skipped": 1}
+        assert (event.metadata["batch"], event.metadata["workflow"]) == ("000000-000002", "feedback")
+        assert event.metadata["by_version"] == one.by_version
 
         # A second batch starts where the first ended; its down-vote pairs with the first batch's up-vote.
         second, later = _ask(http, seed=11)
