@@ -22,6 +22,7 @@ from kitchen.feedback import build_training_data, served_model_name, write_train
 from kitchen.manifests import FeedbackDataManifest
 from kitchen.serve import ModelSource, ServeSettings, create_app
 from kitchen.serve.feedback import FeedbackStore
+from kitchen.workflows import get_workflow, workflows
 from kitchen_assets.feedback import FEEDBACK_KEY, FeedbackSettings, feedback_asset, feedback_settings
 from kitchen_assets.io import ManifestIOManager, read_manifest
 from resources.local_engine import LocalServiceClient
@@ -203,3 +204,27 @@ def test_the_asset_turns_posted_feedback_into_batches(http: TestClient, tmp_path
             dg.materialize(
                 [feedback_asset(missing)], instance=instance, resources={"io_manager": ManifestIOManager()}
             )
+
+
+@pytest.mark.parametrize("workflow_name", ["supervised", "dpo"])
+def test_the_files_load_as_each_workflows_dataset(workflow_name: str, tmp_path: Path) -> None:
+    """The batch's files are what the workflows read: SFT's chat loader, and DPO's preference loader
+    once a ``dpo`` workflow is registered (this module does not depend on its code)."""
+    if workflow_name not in {w.name for w in workflows()}:
+        pytest.skip(f"no {workflow_name!r} workflow registered")
+    store = FeedbackStore(tmp_path / "feedback.db")
+    for a in range(1, 6):
+        question = [{"role": "user", "content": f"What is {a} + {a}?"}]
+        store.record_completion(f"c{a}", "m/1", question, [str(a)])
+        store.add_feedback(f"c{a}", rating="down", correction=str(2 * a))
+    written = write_training_data(build_training_data(store.feedback(), 0), tmp_path / "batches")
+    workflow = get_workflow(workflow_name)
+    path = written.pairs_path if workflow_name == "dpo" else written.sft_path
+    loaded = workflow.load_dataset(workflow.sections["dataset"](dataset=str(path), test_size=0.2))
+    assert sum(loaded.skipped_rows.values()) == 0
+    assert sum(len(split) for split in loaded.dataset.values()) == 5
+    if workflow_name == "dpo":
+        rows = [r for split in loaded.dataset.values() for r in split]
+        assert sorted((r["chosen"], r["rejected"]) for r in rows) == sorted(
+            (str(2 * a), str(a)) for a in range(1, 6)
+        )
