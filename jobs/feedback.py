@@ -109,13 +109,14 @@ class FeedbackRetrainSettings:
             if not isinstance(loaded, dict):
                 raise ValueError(f"{var('RUN_CONFIG')}={config_file}: expected a mapping of run config")
             run_config = loaded
-        threshold = env_number(var("THRESHOLD"), 16)
-        if threshold != int(threshold):
-            raise ValueError(f"{var('THRESHOLD')}={threshold}: expected a whole number")
+        raw = os.environ.get(var("THRESHOLD"), "").strip() or "16"
+        if not raw.isdigit():
+            raise ValueError(f"{var('THRESHOLD')}={raw!r}: expected a whole number of pairs or replies")
+        threshold = int(raw)
         try:
             return cls(
                 workflow=workflow,
-                threshold=int(threshold),
+                threshold=threshold,
                 model=os.environ.get(var("MODEL"), "").strip() or None,
                 run_config=run_config,
                 interval_seconds=int(env_number(var("INTERVAL"), 300)),
