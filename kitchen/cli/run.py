@@ -145,6 +145,15 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
+def _reference_column(report_path: str) -> tuple[dict[str, float] | None, str]:
+    """The report's third column (distillation's teacher), if it has one, and its label."""
+    import json
+
+    path = Path(report_path)
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    return report.get("reference"), str(report.get("reference_label") or "reference")
+
+
 def _print_summary(workflow: Workflow, run_id: str, outputs: dict[str, Manifest], seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -164,11 +173,13 @@ def _print_summary(workflow: Workflow, run_id: str, outputs: dict[str, Manifest]
     if isinstance(report, EvalManifest):
         title = f"held-out evaluation (n={report.num_examples}, {report.seconds:.0f}s)"
         table = Table(title=title)
-        for col in ("metric", "base", "trained", "delta"):
+        reference, label = _reference_column(report.report_path)
+        for col in ("metric", "base", "trained", "delta", *([label] if reference is not None else [])):
             table.add_column(col, justify="left" if col == "metric" else "right")
         for name, base in report.base.items():
             trained = report.trained.get(name, math.nan)
-            table.add_row(name, _fmt(base), _fmt(trained), f"{trained - base:+.4f}")
+            extra = [_fmt(reference.get(name))] if reference is not None else []
+            table.add_row(name, _fmt(base), _fmt(trained), f"{trained - base:+.4f}", *extra)
         Console().print(table)
         print(gate_summary(report.report_path))
         print(f"report: {report.report_path}")
