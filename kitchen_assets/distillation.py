@@ -28,7 +28,7 @@ from kitchen.manifests import (
 from kitchen.registry.store import RegistryError
 from kitchen.workflows import Workflow
 from kitchen.workflows.context import starting_sampling_client
-from kitchen.workflows.distillation.config import DEFAULT_TEACHER
+from kitchen.workflows.distillation.config import DEFAULT_TEACHER, MISSING_TEACHER_HINT
 from kitchen.workflows.distillation.prompts import count_replies
 from kitchen.workflows.distillation.teacher import mismatch_message, sample_teacher, tokenizer_differences
 from kitchen_assets.common import load_tokenizer, model_metadata, resolve_model
@@ -51,10 +51,7 @@ def teacher_resolution_error(name: str, err: Exception) -> str:
     """One line: the teacher could not be resolved, and for the default, the command that makes it."""
     message = f"teacher {name!r} could not be resolved: {err}"
     if name.strip() == DEFAULT_TEACHER:
-        message += (
-            ". The default teacher is the supervised champion that `make run` (or `kitchen run supervised`) "
-            "registers: run that first, or name a teacher with --teacher"
-        )
+        message += f". {MISSING_TEACHER_HINT}"
     return message
 
 

@@ -328,7 +328,7 @@ def test_an_unresolvable_teacher_and_prompts_without_a_user_turn_fail_in_one_lin
         assert not {"teacher_samples", "checkpoints"} & _materialized(result)
 
 
-def test_cli_distill_alias_fails_fast_naming_the_command_that_makes_the_default_teacher(
+def test_cli_distill_alias_refuses_at_launch_naming_the_command_that_makes_the_default_teacher(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster")}
@@ -359,5 +359,8 @@ def test_cli_distill_alias_fails_fast_naming_the_command_that_makes_the_default_
         timeout=300,
     )
     assert proc.returncode == 1
-    assert "distillation__teacher_model" in proc.stderr and "`make run`" in proc.stderr
+    # refused at launch (the preflight resolves every models:/ reference), before any asset runs
+    line = proc.stderr.strip().splitlines()[-1]  # after MLflow's own INFO lines creating the store
+    assert line.startswith(f"kitchen: --teacher {DEFAULT_TEACHER}: ")
+    assert "`make run`" in line and "kitchen run supervised" in line
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, Field
 
 from kitchen.workflows.config import (
+    MISSING_DEFAULT_HINT,
     DatasetSection,
     DatumsSection,
     EvalSection,
@@ -22,6 +23,11 @@ from kitchen.workflows.config import (
 #: built-in arithmetic set (``kitchen.registry.names.derive_model_name``; a test checks the two agree).
 DEFAULT_TEACHER_NAME = "supervised-smollm2-135m-instruct-kitchen-arithmetic"
 DEFAULT_TEACHER = f"models:/{DEFAULT_TEACHER_NAME}@champion"
+#: Said when the default teacher is not registered (``kitchen run`` preflight and the teacher asset).
+MISSING_TEACHER_HINT = (
+    "The default teacher is the supervised champion that `make run` (or `kitchen run supervised`) "
+    "registers: run that first, or name a teacher with --teacher"
+)
 
 Mode = Literal["on_policy", "off_policy"]
 MODES: tuple[Mode, ...] = ("on_policy", "off_policy")
@@ -33,6 +39,7 @@ class TeacherSection(Section):
         description="The teacher: a registered model (models:/NAME@champion, models:/NAME/3), a local "
         "Hugging Face directory, a Hub id or a Tinker model name. Default: the supervised champion `make "
         "run` registers.",
+        json_schema_extra={MISSING_DEFAULT_HINT: MISSING_TEACHER_HINT},
     )
     mode: Mode = Field(
         default="on_policy",
@@ -44,7 +51,7 @@ class TeacherSection(Section):
 
 class SamplingSection(Section):
     max_tokens: int = Field(
-        default=16,
+        default=8,
         ge=1,
         le=32768,
         description="Max new tokens per sampled completion (the student's on-policy, the teacher's "
@@ -64,10 +71,11 @@ class TeacherSamplesSection(SamplingSection):
 
 class DistillTrainingSection(TrainingSection, SamplingSection):
     group_size: int = Field(
-        default=4,
+        default=1,
         ge=1,
         le=256,
-        description="On-policy: student completions sampled per prompt (--batch-size counts prompts).",
+        description="On-policy: student completions sampled per prompt (--batch-size counts prompts). The "
+        "advantages use no group baseline, so 1 spreads the samples over the most prompts.",
     )
     kl_coef: float = Field(
         default=1.0,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,8 +24,7 @@ from tinker import types
 from kitchen.contract import SamplingClient
 from kitchen.data import load_saved_dataset
 from kitchen.eval.compare import context_window, score_models
-from kitchen.eval.harness import check_task_data, plan_evaluation
-from kitchen.eval.heldout import GenerationExample, generate
+from kitchen.eval.harness import check_task_data, kitchen_task_config, plan_evaluation
 from kitchen.eval.report import metric_order
 from kitchen.manifests import TeacherManifest
 from kitchen.training.rollouts import sample_groups
@@ -37,12 +37,35 @@ KL_SEED = 0
 
 
 def teacher_replies(
-    teacher: SamplingClient, prompts: Sequence[Mapping[str, Any]], *, max_tokens: int
+    teacher: SamplingClient,
+    prompts: Sequence[Mapping[str, Any]],
+    *,
+    max_tokens: int,
+    until: Sequence[str] = (),
 ) -> list[str]:
-    """The teacher's greedy reply to each prompt row (its own chat template), as text."""
+    """The teacher's greedy reply to each prompt row (its own chat template), as text: up to its end of
+    turn, or cut at the first of ``until`` (the generation task's stop strings, as lm-eval cuts)."""
     tokenizer = teacher.get_tokenizer()
-    examples = [GenerationExample(render_prompt(row["messages"], tokenizer), "") for row in prompts]
-    return generate(teacher, examples, max_tokens=max_tokens, stop=[])
+    params = types.SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, stop=list(until) if until else None, seed=0
+    )
+    futures = [
+        teacher.sample(types.ModelInput.from_ints(render_prompt(row["messages"], tokenizer)), 1, params)
+        for row in prompts
+    ]
+    replies = []
+    for future in futures:
+        text = tokenizer.decode(future.result().sequences[0].tokens, skip_special_tokens=True)
+        for stop in until:
+            text = text.split(stop, 1)[0]
+        replies.append(text.strip())
+    return replies
+
+
+def generation_stops(task: str) -> list[str]:
+    """The stop strings of one of Kitchen's generation tasks (``kitchen_arithmetic``: a newline)."""
+    config = kitchen_task_config(task, Path("unused.jsonl"), cache_dir=Path("unused"), max_gen_tokens=1)
+    return [str(s) for s in config.get("generation_kwargs", {}).get("until", [])]
 
 
 def heldout_rows(prompts: Sequence[Mapping[str, Any]], replies: Sequence[str]) -> list[dict[str, Any]]:
@@ -95,7 +118,12 @@ def evaluate_distillation(ctx: EvalContext) -> Evaluation:
     prompts = [dict(row) for row in test.select(range(n))]
 
     teacher_client = starting_sampling_client(ctx.service, teacher.model)
-    replies = teacher_replies(teacher_client, prompts, max_tokens=config.eval_max_tokens)
+    replies = teacher_replies(
+        teacher_client,
+        prompts,
+        max_tokens=config.eval_max_tokens,
+        until=generation_stops(plan.generation_task),
+    )
     ctx.log(f"teacher {teacher.name}: greedy replies to {n} held-out prompts")
     models: dict[str, Callable[[], SamplingClient]] = {
         "base": ctx.base_client,

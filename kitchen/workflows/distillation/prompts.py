@@ -22,9 +22,10 @@ from kitchen.data.schemas import (
     NormalizedRow,
     NormalizeResult,
     RowSkipped,
-    SchemaError,
     describe_schemas,
+    detect_schema,
     normalize_row,
+    normalize_rows,
 )
 
 if TYPE_CHECKING:
@@ -50,33 +51,25 @@ _PLACEHOLDER = "\0kitchen-placeholder-reply\0"
 _USER_ROLES = frozenset({"user", "human"})
 
 
+#: Accepted schemas in detection order: the chat ones first (a reply column is then ignored), then the
+#: prompt-only ones.
+PROMPT_SCHEMAS: dict[str, tuple[str, ...]] = {
+    **SCHEMAS,
+    **{name: (column,) for name, (column, _, _) in PROMPT_ONLY_SCHEMAS.items()},
+}
+
+
 def describe_prompt_schemas() -> str:
-    only = "; ".join(f"{name} ({column})" for name, (column, _, _) in PROMPT_ONLY_SCHEMAS.items())
-    return f"{describe_schemas()}; or prompts alone: {only} (messages/conversations may end on a user turn)"
+    return f"{describe_schemas(PROMPT_SCHEMAS)} (messages/conversations may end on a user turn)"
 
 
 def detect_prompt_schema(columns: Iterable[str]) -> str:
     """A chat schema whose columns are all present (its reply is then ignored), else a prompt-only one."""
-    present = set(columns)
-    for name, required in SCHEMAS.items():
-        if present.issuperset(required):
-            return name
-    for name, (column, _, _) in PROMPT_ONLY_SCHEMAS.items():
-        if column in present:
-            return name
-    raise SchemaError(
-        f"No recognised prompt schema in columns {sorted(present)}. Accepted: {describe_prompt_schemas()}."
-    )
+    return detect_schema(columns, PROMPT_SCHEMAS)
 
 
 def normalize_prompt_rows(rows: Iterable[Mapping[str, Any]], schema: str) -> NormalizeResult:
-    result = NormalizeResult(rows=[])
-    for row in rows:
-        try:
-            result.rows.append(normalize_prompt_row(row, schema))
-        except RowSkipped as skip:
-            result.skipped[skip.reason] += 1
-    return result
+    return normalize_rows(rows, schema, normalize=normalize_prompt_row)
 
 
 def normalize_prompt_row(row: Mapping[str, Any], schema: str) -> NormalizedRow:
@@ -97,8 +90,8 @@ def normalize_prompt_row(row: Mapping[str, Any], schema: str) -> NormalizedRow:
             if not _USER_ROLES.intersection(roles):
                 raise RowSkipped("no_user_turn")
             if roles[-1] in _USER_ROLES:  # a prompt with no reply yet
-                reply = {role_key: "assistant", "content" if role_key == "role" else "value": _PLACEHOLDER}
-                full[schema] = [*turns, reply]
+                content_key = "content" if role_key == "role" else "value"
+                full[schema] = [*turns, {role_key: "assistant", content_key: _PLACEHOLDER}]
     normalized = normalize_row(full, chat_schema)
     messages = list(normalized["messages"])
     last = messages.pop()  # the final assistant turn (the normaliser guarantees one)
@@ -124,8 +117,8 @@ def _preview(row: Mapping[str, Any]) -> dict[str, str]:
 #: Prompts for distillation: the teacher answers them (off-policy) or the student does (on-policy).
 PROMPTS = RowFormat(
     name="prompts",
-    detect=detect_prompt_schema,
-    normalize=normalize_prompt_rows,
+    schemas=PROMPT_SCHEMAS,
+    normalize_row=normalize_prompt_row,
     features=PROMPT_FEATURES,
     preview=_preview,
 )
