@@ -147,8 +147,8 @@ def smoke_run_config(model_dir: str) -> dict[str, Any]:
     tiny model with the same tokenizer and other random weights, built beside it once (``-teacher``).
 
     Gated on the held-out reverse KL to the teacher, which a few steps toward the teacher lower (random
-    models get no exact match right, and a random teacher's greedy replies are no target worth an NLL
-    rule)."""
+    models get no exact match right, and a random teacher's greedy replies are no target worth a strict
+    NLL rule or a share of the gap)."""
     from kitchen.models.tiny import build_tiny_model
 
     teacher = Path(f"{str(model_dir).rstrip('/')}-teacher")
@@ -170,6 +170,7 @@ def smoke_run_config(model_dir: str) -> dict[str, Any]:
         "eval_max_tokens": 6,
         "gate_metric": "teacher_kl",
         "gate_margin": 0.005,
-        "gate_max_nll_increase": None,
-        "gate_min_gap_closed": None,
+        # explicit values rather than None (no rule): `kitchen run` flags cannot unset a setting
+        "gate_max_nll_increase": 1.0,
+        "gate_min_gap_closed": 0.0,
     }
