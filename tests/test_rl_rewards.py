@@ -286,20 +286,21 @@ def test_math_verify_skips_answers_it_cannot_parse(tmp_path: Path) -> None:
     assert loaded.skipped_rows == {"answer_unparseable": 1}
 
 
-def test_the_addition_environment_is_the_cookbooks() -> None:
+def test_the_addition_environments_are_the_cookbooks() -> None:
     first = builtin_dataset("kitchen/addition", seed=0, train_size=300)
     assert (
         builtin_dataset("addition", seed=0, train_size=300)["train"]["messages"] == first["train"]["messages"]
     )
     assert len(first["test"]) == 200
-    questions = set()
-    for split in ("train", "test"):
-        for row in first[split]:
-            question, answer = row["messages"][0]["content"], row["messages"][1]["content"]
-            x, y = (int(v) for v in question.removeprefix("What is ").removesuffix("?").split(" + "))
-            assert 0 <= x <= 100 and 0 <= y <= 100 and answer == row["answer"] == str(x + y)
-            if split == "test":
-                questions.add(question)
-    assert not questions & {r["messages"][0]["content"] for r in first["train"]}  # held out
+    for name, high in (("kitchen/addition", 100), ("kitchen/addition-10", 10)):
+        data = builtin_dataset(name, seed=0, train_size=300)
+        seen = {split: {r["messages"][0]["content"] for r in data[split]} for split in ("train", "test")}
+        assert not seen["train"] & seen["test"]  # held out
+        assert len(seen["test"]) == len(data["test"])  # distinct
+        for split in ("train", "test"):
+            for row in data[split]:
+                question, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+                x, y = (int(v) for v in question.removeprefix("What is ").removesuffix("?").split(" + "))
+                assert 0 <= x <= high and 0 <= y <= high and answer == row["answer"] == str(x + y)
     other = builtin_dataset("kitchen/addition", seed=1, train_size=300)
     assert other["train"]["messages"] != first["train"]["messages"]

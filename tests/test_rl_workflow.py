@@ -300,3 +300,48 @@ def test_cli_names_the_problem_with_a_dataset_without_answers(tiny_model_dir: Pa
     assert proc.returncode == 1
     assert "No problem schema in columns ['question', 'response']" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _gsm8k_dir(root: Path) -> Path:
+    """A GSM8K-format Parquet directory (``question``, ``answer`` ending ``#### N``), one split a file,
+    with one row whose final answer math-verify cannot parse."""
+    import pyarrow as pa
+
+    def rows(n: int, offset: int) -> list[dict[str, str]]:
+        return [
+            {
+                "question": f"Tom has {10 + i + offset} apples and eats all but one. How many are left?",
+                "answer": f"He eats {9 + i + offset}, so 1 apple is left.\n#### 1",
+            }
+            for i in range(n)
+        ]
+
+    root.mkdir(parents=True)
+    bad = [{"question": "What is the answer?", "answer": "Nobody knows.\n#### ???"}]
+    pq.write_table(pa.Table.from_pylist(rows(24, 0) + bad), root / "train-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(rows(8, 100)), root / "test-00000-of-00001.parquet")
+    return root
+
+
+def test_cli_runs_rl_on_gsm8k_parquet_with_math_verify(
+    tiny_model_dir: Path, tmp_path: Path, kitchen_home: Path
+) -> None:
+    """Trains, evaluates and gates. A random tiny model answers nothing right before or after, so the
+    accuracy gate refuses it and nothing is registered, as it should (the smoke job shows a passing gate
+    and registration)."""
+    data = _gsm8k_dir(tmp_path / "gsm8k")
+    args = ["--model", str(tiny_model_dir), "--dataset", str(data), "--reward", "math_verify"]
+    args += ["--group-size", "4", "--groups-per-batch", "4", "--max-steps", "2", "--max-tokens", "6"]
+    args += ["--lora-rank", "4", "--eval-examples", "4", "--eval-max-tokens", "6"]
+    proc = _cli(args, tmp_path)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "✓ rl/rollouts" in proc.stdout and "2/2" in proc.stdout
+    assert "held-out evaluation (n=4" in proc.stdout and "accuracy" in proc.stdout
+    assert "quality gate: FAILED - trained accuracy 0 vs base 0" in proc.stdout
+    assert "quality_gate" in proc.stderr and "Traceback" not in proc.stderr
+    dataset = json.loads((kitchen_home / "manifests" / "rl" / "dataset.json").read_text())["data"]
+    assert dataset["schema_found"] == "question/answer" and dataset["skipped_rows"] == {
+        "answer_unparseable": 1
+    }
+    assert dataset["train_rows"] == 24 and dataset["test_rows"] == 8
+    assert not (kitchen_home / "manifests" / "rl" / "registered_model.json").exists()

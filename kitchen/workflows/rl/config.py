@@ -167,7 +167,7 @@ class RLTrainSection(LoopSection, RewardSection):
 
 
 class RLEvalSection(EvalSection, RewardSection):
-    REPORTED_METRICS: ClassVar[tuple[str, ...]] = ("accuracy", "format", "reward", "completion_tokens")
+    REPORTED_METRICS: ClassVar[tuple[str, ...]] = ("accuracy", "format", "reward")
 
     eval_examples: int = Field(
         default=200, ge=1, le=100000, description="Held-out problems answered greedily by each model."

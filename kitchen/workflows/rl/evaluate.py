@@ -23,7 +23,8 @@ from kitchen.workflows.rl.plan import total_reward
 from kitchen.workflows.rl.problems import prompt_question
 from kitchen.workflows.rl.rewards import Check, RewardRunner
 
-HIGHER_IS_BETTER = {"accuracy": True, "format": True, "reward": True, "completion_tokens": False}
+#: ``completion_tokens`` is reported without a direction: shorter is not better in general.
+HIGHER_IS_BETTER = {"accuracy": True, "format": True, "reward": True}
 
 
 def stop_tokens(tokenizer: Any) -> list[int]:

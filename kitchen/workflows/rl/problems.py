@@ -22,7 +22,6 @@ needs an integer, ``math_verify`` something it parses), is skipped and counted b
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -228,43 +227,42 @@ def prompt_question(row: Mapping[str, Any]) -> str:
     return next((m["content"] for m in reversed(row["messages"]) if m["role"] == "user"), "")
 
 
-# -- the built-in environment ----------------------------------------------------------------------
+# -- the built-in environments --------------------------------------------------------------------
 
 ADDITION = "kitchen/addition"
+ADDITION_SMALL = "kitchen/addition-10"
 ADDITION_TEST_SIZE = 200
 ADDITION_TRAIN_SIZE = 4096
 
 
-def addition_pair(rng: np.random.RandomState) -> tuple[int, int]:
-    """One problem as tinker-cookbook's ``ArithmeticDataset`` draws it: x, y uniform in [0, 100]."""
-    return int(rng.randint(0, 101)), int(rng.randint(0, 101))
+def addition_pair(rng: np.random.RandomState, high: int = 100) -> tuple[int, int]:
+    """One problem as tinker-cookbook's ``ArithmeticDataset`` draws it: ``randint(0, high + 1)`` for x,
+    then for y (the cookbook's ``high`` is 100)."""
+    return int(rng.randint(0, high + 1)), int(rng.randint(0, high + 1))
 
 
-@register_builtin(
-    ADDITION,
-    description="tinker-cookbook's arithmetic RL environment: 'What is x + y?', x and y uniform in [0, 100]; "
-    "the answer is the sum.",
-    train_size=ADDITION_TRAIN_SIZE,
-    test_size=ADDITION_TEST_SIZE,
-    aliases=("addition",),
-)
-def addition(seed: int, train_size: int, test_size: int) -> dict[str, list[NormalizedRow]]:
-    """Seeded like the cookbook (``np.random.RandomState``, ``randint(0, 101)`` for x then y). The test
-    split is drawn first from its own stream (distinct problems), so it is the same whatever
-    ``train_size`` is; training problems are drawn i.i.d. as the cookbook does, minus the test ones."""
-    if train_size < 0 or not 0 <= test_size <= 5000:
-        raise ValueError(f"addition sizes: train >= 0 and test in [0, 5000] (got {train_size}, {test_size})")
+def addition_problems(
+    seed: int, train_size: int, test_size: int, high: int
+) -> dict[str, list[NormalizedRow]]:
+    """Seeded like the cookbook (``np.random.RandomState``). The test split is drawn first, from its own
+    stream and distinct, so it is the same whatever ``train_size`` is; training problems are drawn i.i.d.
+    as the cookbook does, minus the held-out ones."""
+    space = (high + 1) ** 2
+    if train_size < 0 or not 0 <= test_size <= space // 2:
+        raise ValueError(
+            f"addition up to {high}: train >= 0 and test in [0, {space // 2}] (got {train_size}, {test_size})"
+        )
     test_rng = np.random.RandomState([seed, 1])
     test: list[tuple[int, int]] = []
     while len(test) < test_size:
-        pair = addition_pair(test_rng)
+        pair = addition_pair(test_rng, high)
         if pair not in test:
             test.append(pair)
     held_out = set(test)
     train_rng = np.random.RandomState([seed, 0])
     train: list[tuple[int, int]] = []
     while len(train) < train_size:
-        pair = addition_pair(train_rng)
+        pair = addition_pair(train_rng, high)
         if pair not in held_out:
             train.append(pair)
 
@@ -283,5 +281,24 @@ def addition(seed: int, train_size: int, test_size: int) -> dict[str, list[Norma
     return {"train": rows(train), "test": rows(test)}
 
 
-def skipped_summary(counts: Counter[str]) -> str:
-    return ", ".join(f"{reason}: {n}" for reason, n in counts.most_common()) or "none"
+@register_builtin(
+    ADDITION,
+    description="tinker-cookbook's arithmetic RL environment: 'What is x + y?', x and y uniform in "
+    "[0, 100]; the answer is the sum.",
+    train_size=ADDITION_TRAIN_SIZE,
+    test_size=ADDITION_TEST_SIZE,
+    aliases=("addition",),
+)
+def addition(seed: int, train_size: int, test_size: int) -> dict[str, list[NormalizedRow]]:
+    return addition_problems(seed, train_size, test_size, high=100)
+
+
+@register_builtin(
+    ADDITION_SMALL,
+    description="The same environment with x and y in [0, 10]: within reach of a 135M model.",
+    train_size=ADDITION_TRAIN_SIZE,
+    test_size=40,
+    aliases=("addition-10",),
+)
+def addition_small(seed: int, train_size: int, test_size: int) -> dict[str, list[NormalizedRow]]:
+    return addition_problems(seed, train_size, test_size, high=10)
