@@ -262,7 +262,8 @@ def test_other_schemas_and_the_prompt_settings(tmp_path: Path) -> None:
 
 
 def test_no_answer_column_is_one_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(SchemaError, match=r"RL needs a prompt and a checkable answer\. Accepted: messages"):
+    accepted = r"No recognised row schema.*accepted schemas: messages \(messages\); question/answer"
+    with pytest.raises(SchemaError, match=accepted):
         _load(tmp_path, [{"question": "what?", "response": "x"}] * 4)
     with pytest.raises(SchemaError, match=r"all 4 skipped \(answer_not_an_integer: 4\)"):
         _load(tmp_path, [{"question": "what?", "answer": "a fish"}] * 4)

@@ -298,7 +298,8 @@ def test_cli_names_the_problem_with_a_dataset_without_answers(tiny_model_dir: Pa
     data.write_text("".join(json.dumps({"question": f"q{i}", "response": "r"}) + "\n" for i in range(8)))
     proc = _cli(["--model", str(tiny_model_dir), "--dataset", str(data)], tmp_path)
     assert proc.returncode == 1
-    assert "No problem schema in columns ['question', 'response']" in proc.stderr
+    assert "No recognised row schema in columns ['question', 'response']" in proc.stderr
+    assert "question/answer (question, answer)" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -335,7 +336,9 @@ def test_cli_runs_rl_on_gsm8k_parquet_with_math_verify(
     args += ["--lora-rank", "4", "--eval-examples", "4", "--eval-max-tokens", "6"]
     proc = _cli(args, tmp_path)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "✓ rl/rollouts" in proc.stdout and "2/2" in proc.stdout
+    assert "✓ rl/checkpoints" in proc.stdout and "2/2" in proc.stdout  # the training step, rollouts too
+    rollouts = json.loads((kitchen_home / "manifests" / "rl" / "rollouts.json").read_text())["data"]
+    assert rollouts["steps"] == 2 and rollouts["rows"] == 2 * 4 * 4
     assert "held-out evaluation (n=4" in proc.stdout and "accuracy" in proc.stdout
     assert "quality gate: FAILED - trained accuracy 0 vs base 0" in proc.stdout
     assert "quality_gate" in proc.stderr and "Traceback" not in proc.stderr

@@ -22,14 +22,14 @@ needs an integer, ``math_verify`` something it parses), is skipped and counted b
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from kitchen.data.builtin import register_builtin
 from kitchen.data.formats import RowFormat
-from kitchen.data.schemas import NORMALIZED_FEATURES, NormalizedRow, NormalizeResult, RowSkipped, SchemaError
+from kitchen.data.schemas import NORMALIZED_FEATURES, NormalizedRow, RowSkipped, describe_schemas
 from kitchen.workflows.rl.rewards import (
     GoldAnswerError,
     RewardRunner,
@@ -60,18 +60,7 @@ BOXED_FEWSHOT: tuple[tuple[str, str], ...] = (
 
 
 def describe_problem_schemas() -> str:
-    return "; ".join(f"{name} ({', '.join(cols)})" for name, cols in PROBLEM_SCHEMAS.items())
-
-
-def detect_problem_schema(columns: Iterable[str]) -> str:
-    present = set(columns)
-    for name, required in PROBLEM_SCHEMAS.items():
-        if present.issuperset(required):
-            return name
-    raise SchemaError(
-        f"No problem schema in columns {sorted(present)}: RL needs a prompt and a checkable answer. "
-        f"Accepted: {describe_problem_schemas()}."
-    )
+    return describe_schemas(PROBLEM_SCHEMAS)
 
 
 def fewshot_for(reward: str) -> tuple[tuple[str, str], ...]:
@@ -176,30 +165,20 @@ def problem_parts(row: Mapping[str, Any], schema: str) -> tuple[str, str | None,
     raise ValueError(f"unknown problem schema {schema!r}; accepted: {describe_problem_schemas()}")
 
 
-def normalize_problems(
-    rows: Iterable[Mapping[str, Any]], schema: str, prompt: ProblemPrompt, runner: RewardRunner | None
-) -> NormalizeResult:
-    """Every row as a prompt + reference + checkable answer; unusable rows skipped and counted."""
-    result = NormalizeResult(rows=[])
-    for row in rows:
-        try:
-            question, system, reference, answer = problem_parts(row, schema)
-            answer = check_gold(prompt.reward, answer)
-        except RowSkipped as skip:
-            result.skipped[skip.reason] += 1
-            continue
-        except GoldAnswerError as bad:
-            result.skipped[bad.reason] += 1
-            continue
-        messages = [*prompt.messages(question, system), {"role": "assistant", "content": reference}]
-        result.rows.append({"messages": messages, "answer": answer})
-    if runner is not None and result.rows:
-        parseable = runner.gold_ok([r["answer"] for r in result.rows])
-        kept = [row for row, ok in zip(result.rows, parseable, strict=True) if ok]
-        if len(kept) < len(result.rows):
-            result.skipped["answer_unparseable"] += len(result.rows) - len(kept)
-        result.rows = kept
-    return result
+def normalize_problem(
+    row: Mapping[str, Any], schema: str, prompt: ProblemPrompt, runner: RewardRunner | None
+) -> NormalizedRow:
+    """One source row as a prompt + reference + checkable answer; ``RowSkipped`` (counted by reason) when
+    its answer cannot be extracted or checked (``runner``: math-verify must parse it)."""
+    question, system, reference, answer = problem_parts(row, schema)
+    try:
+        answer = check_gold(prompt.reward, answer)
+    except GoldAnswerError as bad:
+        raise RowSkipped(bad.reason) from None
+    if runner is not None and not runner.gold_ok([answer])[0]:
+        raise RowSkipped("answer_unparseable")
+    messages = [*prompt.messages(question, system), {"role": "assistant", "content": reference}]
+    return {"messages": messages, "answer": answer}
 
 
 def _preview(row: Mapping[str, Any]) -> dict[str, str]:
@@ -215,8 +194,8 @@ def problem_format(prompt: ProblemPrompt, runner: RewardRunner | None = None) ->
     (``runner`` checks that ``math_verify`` can parse each reference answer)."""
     return RowFormat(
         name="problems",
-        detect=detect_problem_schema,
-        normalize=lambda rows, schema: normalize_problems(rows, schema, prompt, runner),
+        schemas=PROBLEM_SCHEMAS,
+        normalize_row=lambda row, schema: normalize_problem(row, schema, prompt, runner),
         features=NORMALIZED_FEATURES,
         preview=_preview,
     )
