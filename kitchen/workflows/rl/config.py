@@ -1,8 +1,10 @@
 """The RL workflow's settings: one section per asset, flat for ``kitchen run rl`` and ``rl_job``.
 
 Defaults follow tinker-cookbook's ``math_rl`` recipe where it states one (group size 4, temperature 1,
-``importance_sampling``, constant learning rate, format coefficient 0.1, synchronous sampling), scaled to a
-2-core CPU where it must be (8 problems per step rather than 100).
+``max_tokens`` 5, ``importance_sampling``, constant learning rate, format coefficient 0.1, synchronous
+sampling), scaled to a 2-core CPU where it must be (8 problems per step rather than 100; the built-in
+environment's operands in [0, 10], which SmolLM2-135M answers often enough for groups to disagree, rather
+than [0, 100], where it answers almost none and every group's reward is constant).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from kitchen.workflows.config import (
     RunConfig,
     Section,
 )
-from kitchen.workflows.rl.problems import ADDITION
+from kitchen.workflows.rl.problems import ADDITION, ADDITION_SMALL
 from kitchen.workflows.rl.rewards import validate_reward
 
 LossName = Literal["importance_sampling", "ppo", "cispo"]
 CLIPPED_LOSSES = ("ppo", "cispo")
-DEFAULT_MAX_TOKENS = 8
+#: tinker-cookbook's math_rl ``max_tokens``: a sum and the stop token fit.
+DEFAULT_MAX_TOKENS = 5
 
 
 class RewardChoice(Section):
@@ -61,8 +64,9 @@ class RewardSection(RewardChoice):
 
 class RLDatasetSection(DatasetSection, RewardChoice):
     dataset: str = Field(
-        default=ADDITION,
-        description="Problems with checkable answers: the built-in kitchen/addition environment, or a "
+        default=ADDITION_SMALL,
+        description="Problems with checkable answers: a built-in environment (kitchen/addition-10, "
+        "kitchen/addition: the cookbook's [0, 100]), or a "
         "JSONL/CSV/Parquet file, directory or Hub id with question/answer (GSM8K), prompt/answer, "
         "problem/answer, problem/solution (\\boxed{}) or messages(+answer) rows.",
     )
