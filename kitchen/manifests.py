@@ -105,6 +105,17 @@ class WeightsManifest(Manifest):
     hyperparameters: dict[str, float | int | str] = Field(default_factory=dict)
 
 
+class RolloutsManifest(Manifest):
+    """What a policy sampled during training, one Parquet file per step (``kitchen.training.rollouts``'
+    ``RolloutLog``): prompts, completions, their scores and the sampler's logprobs."""
+
+    path: str = Field(description="Directory of step-NNNNNN.parquet files.")
+    steps: int
+    rows: int
+    columns: list[str]
+    content_hash: str
+
+
 class EvalManifest(Manifest):
     """Base vs trained metrics on the held-out split."""
 
