@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from kitchen.models.base import DEFAULT_MODEL
 
 DEFAULT_DATASET = "kitchen/arithmetic"
+#: A field's ``json_schema_extra`` key: what makes the registered model its default names, said by
+#: ``kitchen run``'s preflight when that default does not exist yet (distillation's default teacher).
+MISSING_DEFAULT_HINT = "missing_default_hint"
 #: Sections of a Dagster run config that are not per-op config.
 NOT_OP_CONFIG = frozenset({"ops", "resources", "loggers", "execution"})
 
