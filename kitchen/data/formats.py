@@ -21,6 +21,9 @@ from kitchen.data.schemas import (
     normalize_rows,
 )
 
+#: Source split names used as the test split, in order of preference.
+TEST_SPLIT_NAMES: tuple[str, ...] = ("test", "validation", "valid", "dev")
+
 
 @dataclass(frozen=True)
 class RowFormat:
@@ -31,6 +34,15 @@ class RowFormat:
     features: Features
     preview: Callable[[Mapping[str, Any]], dict[str, str]]
     """One normalised row as a few readable columns (the dataset asset's preview table)."""
+    train_splits: tuple[str, ...] = ("train",)
+    """Source split names to train on, in order of preference (UltraFeedback's ``train_prefs``)."""
+    test_splits: tuple[str, ...] = TEST_SPLIT_NAMES
+    """Source split names to hold out, in order of preference (``test_prefs``, then ``test``, ...)."""
+
+    @property
+    def split_names(self) -> tuple[str, ...]:
+        """Every split name this format recognises, plus the common ones (data-file names pick splits)."""
+        return tuple(dict.fromkeys((*self.train_splits, *self.test_splits, "train", *TEST_SPLIT_NAMES)))
 
 
 def _chat_preview(row: Mapping[str, Any]) -> dict[str, str]:
@@ -47,4 +59,4 @@ CHAT = RowFormat(
     preview=_chat_preview,
 )
 
-__all__ = ["CHAT", "NormalizedRow", "RowFormat"]
+__all__ = ["CHAT", "TEST_SPLIT_NAMES", "NormalizedRow", "RowFormat"]

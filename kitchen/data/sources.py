@@ -35,9 +35,6 @@ TestSplitSource = Literal["source", "seeded-split"]
 
 #: File suffix -> ``datasets`` packaged loader.
 DATA_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-#: Source split names used as the test split, in order of preference.
-TEST_SPLIT_NAMES = ("test", "validation", "valid", "dev")
-_SPLIT_NAMES = ("train", *TEST_SPLIT_NAMES)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
 PREVIEW_ROWS = 3
 
@@ -111,9 +108,10 @@ def load_dataset_source(
     Tried in order: a built-in name; an existing path (``.jsonl``/``.json``/``.csv``/``.parquet``
     file, a ``save_to_disk`` directory, or a directory of data files whose ``train*``/``test*``
     names pick splits); a Hub id ``owner/name`` or ``owner/name:config``. ``split`` names the
-    source split to train on (default ``train``, or the only split); the test split is the source's
-    ``test`` (or ``validation``/``valid``/``dev``) unless ``split`` is given or there is none, in
-    which case ``test_size`` rows are split off with ``seed``. ``max_rows`` caps the rows read from
+    source split to train on (default: the first of ``row_format.train_splits`` present, usually
+    ``train``, or the only split); the test split is the first of ``row_format.test_splits`` present
+    (``test``, ``validation``, ...) unless ``split`` is given or there is none, in which case
+    ``test_size`` rows are split off with ``seed``. ``max_rows`` caps the rows read from
     each source split (the first ones; built-ins generate no more than that).
     """
     tried: list[str] = []
@@ -130,7 +128,7 @@ def load_dataset_source(
 
     path = Path(name).expanduser()
     if path.exists():
-        raw, kind = _load_local(path)
+        raw, kind = _load_local(path, row_format.split_names)
         return _prepare(
             name, str(path.resolve()), kind, raw, None, test_size, seed, max_rows, split, row_format
         )
@@ -202,7 +200,7 @@ def _local_cache_dir() -> str:
     return str(home_dir("cache", "datasets"))
 
 
-def _load_local(path: Path) -> tuple[DatasetDict, SourceKind]:
+def _load_local(path: Path, split_names: tuple[str, ...]) -> tuple[DatasetDict, SourceKind]:
     if path.is_file():
         fmt = DATA_FILE_FORMATS.get(path.suffix.lower())
         if fmt is None:
@@ -229,17 +227,21 @@ def _load_local(path: Path) -> tuple[DatasetDict, SourceKind]:
         raise DatasetSourceError(f"{path} mixes data file formats {sorted(formats)}; use one format")
     data_files: dict[str, list[str]] = {}
     for file in files:
-        data_files.setdefault(_split_of(file.relative_to(path)), []).append(str(file))
+        data_files.setdefault(_split_of(file.relative_to(path), split_names), []).append(str(file))
     return _load_files(formats.pop(), data_files), "data-files"
 
 
-def _split_of(relative: Path) -> str:
-    """``train.jsonl``, ``test-00000-of-00001.parquet``, ``validation/part.csv``: the split it names.
-    Files that name no split are training data."""
+def _split_of(relative: Path, split_names: tuple[str, ...]) -> str:
+    """``train.jsonl``, ``test-00000-of-00001.parquet``, ``validation/part.csv``: the split it names, the
+    longest of ``split_names`` a directory or the file's stem is or starts with (then ``-``, ``_`` or
+    ``.``), so ``train_prefs-0000.parquet`` is ``train_prefs`` when the format knows that name and
+    ``train`` otherwise. Files that name no split are training data."""
+    longest_first = sorted(split_names, key=len, reverse=True)
     for part in (*relative.parts[:-1], relative.name.split(".")[0]):
-        word = re.split(r"[-_.]", part.lower())[0]
-        if word in _SPLIT_NAMES:
-            return word
+        lowered = part.lower()
+        for name in longest_first:
+            if lowered == name or (lowered.startswith(name) and lowered[len(name)] in "-_."):
+                return name
     return "train"
 
 
@@ -338,7 +340,7 @@ def _prepare(
     split: str | None,
     row_format: RowFormat,
 ) -> LoadedDataset:
-    train_name, test_name = _pick_splits(raw, split, name)
+    train_name, test_name = _pick_splits(raw, split, name, row_format)
     train_raw = _head(raw[train_name], max_rows)
     schema = row_format.detect(train_raw.column_names)
     skipped: Counter[str] = Counter()
@@ -379,21 +381,23 @@ def _prepare(
     )
 
 
-def _pick_splits(raw: DatasetDict, split: str | None, name: str) -> tuple[str, str | None]:
+def _pick_splits(
+    raw: DatasetDict, split: str | None, name: str, row_format: RowFormat
+) -> tuple[str, str | None]:
     splits = list(raw)
     if split is not None:
         if split not in raw:
             raise DatasetSourceError(f"Dataset {name!r} has no split {split!r}; splits: {splits}")
         return split, None
-    if "train" in raw:
-        train = "train"
-    elif len(splits) == 1:
+    train = next((s for s in row_format.train_splits if s in raw), None)
+    if train is None and len(splits) == 1:
         train = splits[0]
-    else:
+    if train is None:
+        wanted = " or ".join(repr(s) for s in row_format.train_splits)
         raise DatasetSourceError(
-            f"Dataset {name!r} has no 'train' split; choose one with split=... from {splits}"
+            f"Dataset {name!r} has no {wanted} split; choose one with split=... from {splits}"
         )
-    test = next((s for s in TEST_SPLIT_NAMES if s in raw and s != train), None)
+    test = next((s for s in row_format.test_splits if s in raw and s != train), None)
     return train, test
 
 

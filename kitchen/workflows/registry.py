@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from kitchen.workflows.context import EvalContext, Evaluation, PlanContext
 
 #: Modules that register Kitchen's own workflows, in the order the CLI and the UI list them.
-BUILTIN: tuple[str, ...] = ("kitchen.workflows.supervised",)
+BUILTIN: tuple[str, ...] = ("kitchen.workflows.supervised", "kitchen.workflows.dpo")
 PLUGINS_ENV = "KITCHEN_WORKFLOW_MODULES"
 
 #: Asset kinds every workflow has; the training step is the ``train`` op (outputs checkpoints and weights).
