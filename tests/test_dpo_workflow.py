@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dagster as dg
 import numpy as np
@@ -18,11 +18,19 @@ import pytest
 import torch
 from tinker import types
 
+from kitchen.manifests import (
+    CheckpointsManifest,
+    EvalManifest,
+    Manifest,
+    RegisteredModelManifest,
+    WeightsManifest,
+)
 from kitchen.registry import ModelRegistry, default_tracking_uri
 from kitchen.workflows import get_workflow
 from kitchen.workflows.dpo import load_preference_dataset
 from kitchen.workflows.dpo.comparisons import Pairs, render_pairs
 from kitchen.workflows.dpo.config import PreferenceDatasetSection
+from kitchen.workflows.dpo.manifests import ReferenceLogprobsManifest
 from kitchen.workflows.dpo.plan import DPOPlan, dpo_loss_fn
 from kitchen.workflows.dpo.reference import target_logprobs
 from kitchen_assets.definitions import build_definitions
@@ -200,6 +208,15 @@ def _config(tiny_model_dir: Path, **overrides: Any) -> dict[str, Any]:
     return {**smoke(str(tiny_model_dir)), **overrides}
 
 
+M = TypeVar("M", bound=Manifest)
+
+
+def _manifest(kind: str, cls: type[M], workflow: str = "dpo") -> M:
+    manifest = read_manifest(dg.AssetKey([workflow, kind]))
+    assert isinstance(manifest, cls)
+    return manifest
+
+
 def _materialised(result: dg.ExecuteInProcessResult) -> set[str]:
     return {
         e.asset_key.path[-1] for e in result.get_asset_materialization_events() if e.asset_key is not None
@@ -239,8 +256,8 @@ def test_the_smoke_config_trains_evaluates_gates_and_registers(tiny_model_dir: P
     (gate,) = result.get_asset_check_evaluations()
     assert gate.passed
 
-    checkpoints = read_manifest(dg.AssetKey(["dpo", "checkpoints"]))
-    steps = [json.loads(line) for line in Path(checkpoints.metrics_path).read_text().splitlines()]  # type: ignore[attr-defined]
+    checkpoints = _manifest("checkpoints", CheckpointsManifest)
+    steps = [json.loads(line) for line in Path(checkpoints.metrics_path).read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     names = {
         "loss",
@@ -256,9 +273,9 @@ def test_the_smoke_config_trains_evaluates_gates_and_registers(tiny_model_dir: P
     assert steps[0]["metrics"]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert steps[0]["metrics"]["accuracy"] == 0.0 and steps[0]["metrics"]["num_pairs"] == 4
 
-    report = read_manifest(dg.AssetKey(["dpo", "eval_report"]))
-    assert report.base["preference_accuracy"] == 0.5 and report.base["margin"] == 0.0  # type: ignore[attr-defined]
-    for metrics in (report.base, report.trained):  # type: ignore[attr-defined]
+    report = _manifest("eval_report", EvalManifest)
+    assert report.base["preference_accuracy"] == 0.5 and report.base["margin"] == 0.0
+    for metrics in (report.base, report.trained):
         assert {
             "preference_accuracy",
             "margin",
@@ -267,23 +284,22 @@ def test_the_smoke_config_trains_evaluates_gates_and_registers(tiny_model_dir: P
             "nll",
             "exact_match",
         } <= metrics.keys()
-    assert report.trained["preference_accuracy"] >= 0.6  # type: ignore[attr-defined]  # the style is learnt
-    saved = json.loads(Path(report.report_path).read_text())  # type: ignore[attr-defined]
+    assert report.trained["preference_accuracy"] >= 0.6  # the style is learnt
+    saved = json.loads(Path(report.report_path).read_text())
     assert saved["generation_task"] == "kitchen_arithmetic" and saved["dpo_beta"] == 0.1
 
     # Lineage: the reference model and beta are on the registered version.
-    registered = read_manifest(dg.AssetKey(["dpo", "registered_model"]))
-    tags = ModelRegistry(default_tracking_uri()).version(registered.name, registered.version).tags  # type: ignore[attr-defined]
+    registered = _manifest("registered_model", RegisteredModelManifest)
+    tags = ModelRegistry(default_tracking_uri()).version(registered.name, registered.version).tags
     hyper = json.loads(tags["kitchen.hyperparameters"])
     assert (
         hyper["dpo_beta"] == 0.1
         and hyper["dpo_loss"] == "sigmoid"
         and hyper["reference_model"] == str(tiny_model_dir)
     )
-    reference = read_manifest(dg.AssetKey(["dpo", "reference_logprobs"]))
-    assert tags["kitchen.reference_logprobs.content_hash"] == reference.content_hash  # type: ignore[attr-defined]
+    reference = _manifest("reference_logprobs", ReferenceLogprobsManifest)
+    assert tags["kitchen.reference_logprobs.content_hash"] == reference.content_hash
     assert "kitchen.comparisons.content_hash" in tags and "kitchen.comparisons.tokenizer_hash" in tags
-    assert json.loads(tags["kitchen.config"])["dpo_beta"] == 0.1
 
 
 def test_hh_rlhf_jsonl_and_a_rerun_with_another_beta_reuses_the_reference(
@@ -312,19 +328,19 @@ def test_hh_rlhf_jsonl_and_a_rerun_with_another_beta_reuses_the_reference(
     assert _materialised(first) == ALL_ASSETS
     dataset = _metadata(first, "dataset")
     assert dataset["skipped_rows"].value == {"identical_pair": 1, "missing_field": 1, "no_assistant_turn": 1}
-    report = read_manifest(dg.AssetKey(["dpo", "eval_report"]))
-    assert report.primary_metric == "preference_accuracy"  # type: ignore[attr-defined]
-    assert report.trained["preference_accuracy"] >= 0.9 and report.trained["margin"] > 0  # type: ignore[attr-defined]
-    assert "exact_match" not in report.trained  # type: ignore[attr-defined]  # no checkable answers
+    report = _manifest("eval_report", EvalManifest)
+    assert report.primary_metric == "preference_accuracy"
+    assert report.trained["preference_accuracy"] >= 0.9 and report.trained["margin"] > 0
+    assert "exact_match" not in report.trained  # no checkable answers
     assert _metadata(first, "reference_logprobs")["reused"].value is False
-    reference = read_manifest(dg.AssetKey(["dpo", "reference_logprobs"]))
+    reference = _manifest("reference_logprobs", ReferenceLogprobsManifest)
 
     second = _run({**config, "dpo_beta": 0.5})
     assert second.success, _failure(second)
     assert _metadata(second, "reference_logprobs")["reused"].value is True
-    assert read_manifest(dg.AssetKey(["dpo", "reference_logprobs"])) == reference
-    weights = read_manifest(dg.AssetKey(["dpo", "trained_weights"]))
-    assert weights.hyperparameters["dpo_beta"] == 0.5  # type: ignore[attr-defined]
+    assert _manifest("reference_logprobs", ReferenceLogprobsManifest) == reference
+    weights = _manifest("trained_weights", WeightsManifest)
+    assert weights.hyperparameters["dpo_beta"] == 0.5
 
 
 def test_an_ultrafeedback_parquet_directory(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -351,23 +367,23 @@ def test_dpo_starts_from_a_registered_supervised_champion(tiny_model_dir: Path) 
     job = build_definitions("local").resolve_job_def("supervised_job")
     with dg.DagsterInstance.ephemeral() as instance:
         sft = job.execute_in_process(run_config=smoke_run_config(str(tiny_model_dir)), instance=instance)
-    champion = read_manifest(dg.AssetKey(["supervised", "registered_model"]))
-    ref = f"models:/{champion.name}@champion"  # type: ignore[attr-defined]
+    champion = _manifest("registered_model", RegisteredModelManifest, "supervised")
+    ref = f"models:/{champion.name}@champion"
     assert sft.success
 
     result = _run(_config(tiny_model_dir, model=ref))
     assert result.success, _failure(result)
-    reference = read_manifest(dg.AssetKey(["dpo", "reference_logprobs"]))
-    assert reference.reference_model == f"models:/{champion.name}/{champion.version}"  # type: ignore[attr-defined]
-    assert reference.reference_sampler_path  # type: ignore[attr-defined]  # the champion's adapter
-    checkpoints = read_manifest(dg.AssetKey(["dpo", "checkpoints"]))
-    first = json.loads(Path(checkpoints.metrics_path).read_text().splitlines()[0])  # type: ignore[attr-defined]
+    reference = _manifest("reference_logprobs", ReferenceLogprobsManifest)
+    assert reference.reference_model == f"models:/{champion.name}/{champion.version}"
+    assert reference.reference_sampler_path  # the champion's adapter
+    checkpoints = _manifest("checkpoints", CheckpointsManifest)
+    first = json.loads(Path(checkpoints.metrics_path).read_text().splitlines()[0])
     # Training starts from the champion's adapter, which is also the reference: step 0 is ln 2 again.
     assert first["metrics"]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-4)
-    registered = read_manifest(dg.AssetKey(["dpo", "registered_model"]))
-    tags = ModelRegistry(default_tracking_uri()).version(registered.name, registered.version).tags  # type: ignore[attr-defined]
-    assert tags["kitchen.base_model.registered_version"] == reference.reference_model  # type: ignore[attr-defined]
-    assert json.loads(tags["kitchen.hyperparameters"])["reference_model"] == reference.reference_model  # type: ignore[attr-defined]
+    registered = _manifest("registered_model", RegisteredModelManifest)
+    tags = ModelRegistry(default_tracking_uri()).version(registered.name, registered.version).tags
+    assert tags["kitchen.base_model.registered_version"] == reference.reference_model
+    assert json.loads(tags["kitchen.hyperparameters"])["reference_model"] == reference.reference_model
 
 
 def test_bad_input_fails_in_one_line_before_training(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -386,9 +402,10 @@ def test_bad_input_fails_in_one_line_before_training(tiny_model_dir: Path, tmp_p
     job = build_definitions("local").resolve_job_def("dpo_job")
     with (
         dg.DagsterInstance.ephemeral() as instance,
-        pytest.raises(dg.DagsterConfigMappingFunctionError, match="dpo_beta"),
+        pytest.raises(dg.DagsterConfigMappingFunctionError) as raised,
     ):
         job.execute_in_process(run_config=_config(tiny_model_dir, dpo_beta=0.0), instance=instance)
+    assert "dpo_beta\n  Input should be greater than 0" in str(raised.value.__cause__)
 
 
 def test_cli_refuses_beta_zero_and_runs_dpo(tiny_model_dir: Path, tmp_path: Path) -> None:
