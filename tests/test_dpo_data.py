@@ -15,7 +15,7 @@ from kitchen.data import SchemaError, builtin_dataset, load_dataset_source
 from kitchen.data.schemas import RowSkipped
 from kitchen.workflows.dpo import load_preference_dataset
 from kitchen.workflows.dpo.builtin import NAME as BUILTIN
-from kitchen.workflows.dpo.builtin import wrong_answers
+from kitchen.workflows.dpo.builtin import REJECTED_FORMS, wrong_answers
 from kitchen.workflows.dpo.comparisons import render_pairs
 from kitchen.workflows.dpo.config import PreferenceDatasetSection
 from kitchen.workflows.dpo.format import normalize_preference
@@ -213,13 +213,18 @@ def test_builtin_pairs_are_kitchen_arithmetic_with_a_plausible_wrong_answer() ->
         for pair, problem in zip(pairs[split], problems[split], strict=True):
             assert pair["prompt"] == problem["messages"][:-1]
             assert pair["chosen"] == pair["answer"] == problem["answer"]
-            assert pair["rejected"] != pair["chosen"] and int(pair["rejected"]) >= 0
-            a, op, b = re.search(r"(\d+) ([+*-]) (\d+)", problem["messages"][-2]["content"]).groups()  # type: ignore[union-attr]
-            assert int(pair["rejected"]) in wrong_answers(int(a), op, int(b))
+            expression = re.search(r"\d+ [+*-] \d+", problem["messages"][-2]["content"])
+            assert expression is not None
+            a, op, b = expression.group(0).split()
+            wrong = int(re.findall(r"\d+", pair["rejected"])[-1])
+            assert wrong in wrong_answers(int(a), op, int(b))
+            form = pair["rejected"].replace(expression.group(0), "{expression}")
+            assert form.replace(str(wrong), "{wrong}") in REJECTED_FORMS
+        shapes = {re.sub(r"\d+", "9", p["rejected"]) for p in pairs[split]}
+        assert {"9", "9 + 9 = 9", "The answer is 9."} <= shapes  # bare, worked and sentence forms
     again = builtin_dataset(BUILTIN, train_size=20)
-    assert list(again["test"]) == list(
-        pairs["test"]
-    )  # the same problems and wrong answers, whatever the size
+    # the same problems and wrong answers, whatever the size
+    assert list(again["test"]) == list(pairs["test"])
     assert list(again["train"]) == list(pairs["train"])[:20]
     assert builtin_dataset(BUILTIN, seed=1, train_size=20)["test"][0] != pairs["test"][0]
 

@@ -1,6 +1,13 @@
 """``kitchen/arithmetic-preferences``: the built-in arithmetic problems, each with its correct answer as the
 chosen reply and a plausible wrong one (a slip a person makes) as the rejected reply.
 
+The chosen reply is what the system prompt asks for, the bare number. The rejected one is a wrong number
+written the way chat models write answers: bare (``77``), worked (``56 + 22 = 77``) or in a sentence
+(``The answer is 77.``), a third each. So the pairs prefer the right number *and* the asked-for form, as
+real preference data mixes correctness with instruction following; with bare wrong numbers alone, DPO
+from a model that answers in prose learns which digits are right but never to lead with them (measured:
+held-out preference accuracy 0.81, exact match still 0).
+
 The problems are exactly ``kitchen/arithmetic``'s for the same seed and sizes (the test split is the same
 200 problems, drawn first), so a DPO run and a supervised run are scored on the same held-out problems,
 and DPO can start from a supervised champion trained on that dataset without seeing its test problems.
@@ -19,7 +26,7 @@ from kitchen.data.builtin import arithmetic, register_builtin
 from kitchen.data.schemas import NormalizedRow
 
 NAME = "kitchen/arithmetic-preferences"
-TRAIN_SIZE = 1024
+TRAIN_SIZE = 512
 TEST_SIZE = 200
 
 #: What the generator writes: the ``prompt/chosen/rejected`` schema the preference format accepts.
@@ -32,6 +39,8 @@ SOURCE_FEATURES = Features(
     }
 )
 _EXPRESSION = re.compile(r"(\d+) ([+*-]) (\d+)")
+#: How a wrong answer is written: bare, worked, or in a sentence.
+REJECTED_FORMS = ("{wrong}", "{expression} = {wrong}", "The answer is {wrong}.")
 
 
 def _digits_without_carry(a: int, b: int, op: str) -> int:
@@ -84,11 +93,13 @@ def arithmetic_preferences(seed: int, train_size: int, test_size: int) -> dict[s
                 raise ValueError(f"cannot read the expression in {question!r}")
             a, op, b = int(match.group(1)), match.group(2), int(match.group(3))
             rng = random.Random(f"{NAME}:{seed}:{match.group(0)}")
+            wrong = rng.choice(wrong_answers(a, op, b))
+            form = rng.choice(REJECTED_FORMS)
             pairs.append(
                 {
                     "prompt": prompt,
                     "chosen": reply["content"],
-                    "rejected": str(rng.choice(wrong_answers(a, op, b))),
+                    "rejected": form.format(wrong=wrong, expression=match.group(0)),
                     "answer": row["answer"],
                 }
             )
