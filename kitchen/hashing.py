@@ -6,8 +6,13 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 _CHUNK = 1 << 20
+#: What a sampler checkpoint's identity is made of: the PEFT adapter as saved. Not the engine's own
+#: ``kitchen_sampler.json`` beside it, which records a per-session id and the step.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def hash_bytes(data: bytes) -> str:
@@ -38,18 +43,24 @@ def hash_tree(root: Path) -> str:
     return digest.hexdigest()
 
 
-def weights_content_hash(sampler_path: str) -> str:
-    """The identity of saved weights: the adapter's bytes for a local ``file://`` path, the path itself
-    for a remote (``tinker://``) one, which names immutable weights."""
-    from urllib.parse import urlsplit
-    from urllib.request import url2pathname
+def weights_content_hash(sampler_uri: str) -> str:
+    """The identity of trained weights: the adapter files' bytes for local (``file://``) weights, the
+    path itself for Tinker weights (``tinker://`` paths name immutable weights).
 
-    parts = urlsplit(sampler_path)
+    File URIs are decoded (``%20`` is a space). Missing weights raise ``FileNotFoundError`` rather than
+    hashing nothing, and any other scheme raises ``ValueError``.
+    """
+    parts = urlsplit(sampler_uri)
+    if parts.scheme == "tinker":
+        return hash_json(sampler_uri)
     if parts.scheme != "file":
-        return hash_json(sampler_path)
+        raise ValueError(f"cannot hash weights at {sampler_uri!r}: expected a file:// or tinker:// URI")
+    if parts.netloc not in ("", "localhost"):
+        raise ValueError(f"cannot hash weights at {sampler_uri!r}: the file URI names host {parts.netloc!r}")
     directory = Path(url2pathname(parts.path))
-    files = ("adapter_config.json", "adapter_model.safetensors")
-    missing = [name for name in files if not (directory / name).is_file()]
+    if not directory.is_dir():
+        raise FileNotFoundError(f"trained weights {sampler_uri} do not exist (no directory {directory})")
+    missing = [name for name in ADAPTER_FILES if not (directory / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"weights {sampler_path}: {', '.join(missing)} missing in {directory}")
-    return hash_json({name: hash_file(directory / name) for name in files})
+        raise FileNotFoundError(f"trained weights {sampler_uri} lack {', '.join(missing)} in {directory}")
+    return hash_json({name: hash_file(directory / name) for name in ADAPTER_FILES})

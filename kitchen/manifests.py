@@ -49,6 +49,10 @@ class DatasetManifest(Manifest):
     train_rows: int
     test_rows: int
     skipped_rows: dict[str, int] = Field(default_factory=dict)
+    skipped_examples: list[str] = Field(
+        default_factory=list,
+        description="Where the first skipped rows are and why (file, line, reason); skipped_rows counts all.",
+    )
     test_split_source: Literal["source", "seeded-split"] = "source"
 
 

@@ -93,6 +93,7 @@ def dataset_asset(workflow: Workflow) -> dg.AssetsDefinition:
                 "test_rows": manifest.test_rows,
                 "test_split": manifest.test_split_source,
                 "skipped_rows": dg.MetadataValue.json(manifest.skipped_rows),
+                "skipped_examples": dg.MetadataValue.json(manifest.skipped_examples),
                 "preview": dg.MetadataValue.md(markdown_table(loaded.preview_rows())),
                 "path": dg.MetadataValue.path(manifest.path),
             }

@@ -8,7 +8,6 @@ weights again finds the existing version; the champion/challenger rule lives in 
 
 # No ``from __future__ import annotations``: Dagster reads config and resource types from the signature.
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,16 @@ from kitchen.registry import (
     register_trained_model,
 )
 from kitchen.registry.store import RegistryError, is_remote
+from kitchen.secrets import drop_secret_keys, redact_uri
 from kitchen.workflows import Workflow
 from kitchen.workflows.config import flatten_run_config
 from kitchen_assets.factory import asset_key, workflow_asset
+from kitchen_assets.io import source_materialization
 from kitchen_assets.metadata import markdown_table
 from resources.mlflow_registry import MlflowRegistry
 
 # Only when the eval report states no direction for the primary metric (older reports).
 _LOWER_IS_BETTER_NAMES = frozenset({"nll", "perplexity", "loss"})
-_SECRET_KEY = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)
 
 
 def primary_metric_direction(report: EvalManifest) -> tuple[bool, str]:
@@ -56,14 +56,15 @@ def primary_metric_direction(report: EvalManifest) -> tuple[bool, str]:
 def _run_config(context: dg.AssetExecutionContext) -> dict[str, Any]:
     """The run's config, flat (per-op sections merged); keys that look like secrets are dropped."""
     values = flatten_run_config(dict(context.run.run_config or {}))
-    return {k: v for k, v in sorted(values.items()) if not _SECRET_KEY.search(k)}
+    return drop_secret_keys(dict(sorted(values.items())))
 
 
 def _upstream_runs(context: dg.AssetExecutionContext, keys: list[dg.AssetKey]) -> dict[str, str]:
-    """Upstream asset key -> the Dagster run that produced the materialisation being registered."""
+    """Upstream asset key -> the Dagster run that produced the materialisation being registered (this
+    run's own when it made it, not whichever run materialised the key last)."""
     runs = {}
     for key in keys:
-        event = context.instance.get_latest_materialization_event(key)
+        event = source_materialization(context.instance, context.run, key)
         runs[key.to_user_string()] = event.run_id if event is not None else ""
     return runs
 
@@ -102,7 +103,7 @@ def _metadata(result: RegistrationResult, registry: MlflowRegistry) -> dict[str,
     if result.version_url:
         metadata["mlflow_version"] = dg.MetadataValue.url(result.version_url)
     if not is_remote(uri):
-        metadata["open_in_mlflow"] = f"mlflow ui --backend-store-uri {uri}"
+        metadata["open_in_mlflow"] = f"mlflow ui --backend-store-uri {redact_uri(uri)}"
     return metadata
 
 

@@ -3,8 +3,9 @@ outputs, such as RL's rollouts) from one run of the one loop over the workflow's
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,14 @@ from kitchen.home import home_dir
 from kitchen.manifests import BaseModelManifest, CheckpointRef, CheckpointsManifest, Manifest, WeightsManifest
 from kitchen.telemetry.training import CompositeObserver, TelemetryObserver
 from kitchen.training.loop import (
+    METRICS_FILE,
     BaseObserver,
     Checkpoint,
+    Ledger,
     StepMetrics,
     TrainingResult,
     TrainingSpec,
+    read_metrics,
     run_training,
 )
 from kitchen.training.plan import TrainingPlan
@@ -117,6 +121,41 @@ def resume_key(
     )
 
 
+def interrupted(run_dir: Path, key: str, total_steps: int) -> dg.Failure:
+    """An interrupt (Ctrl-C) as a failure Dagster does not retry (its RetryPolicy reruns an interrupted
+    step), saying what the same command will do."""
+    ledger = Ledger.open(run_dir, key)
+    latest = ledger.latest_state()
+    if ledger.complete:
+        said = "interrupted after training finished; the same command trains again"
+    elif latest is not None:
+        done = len(read_metrics(run_dir / METRICS_FILE))
+        said = (
+            f"interrupted after step {done}/{total_steps}; the same command resumes from the checkpoint "
+            f"at step {latest.step} ({latest.path})"
+        )
+    else:
+        said = "interrupted before the first checkpoint; the same command starts training over"
+    return dg.Failure(description=said, allow_retries=False)
+
+
+def stop_on_interrupt(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+    """Ctrl-C anywhere in the training step stops the run: Dagster's RetryPolicy would rerun an interrupted
+    step, so an interrupt that ``interrupted`` did not already turn into a failure becomes one here."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        try:
+            yield from fn(*args, **kwargs)
+        except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError) as err:
+            said = (
+                "interrupted; the same command resumes from the latest checkpoint (or trains again if done)"
+            )
+            raise dg.Failure(description=said, allow_retries=False) from err
+
+    return wrapper
+
+
 def training_asset(
     workflow: Workflow, retry_policy: dg.RetryPolicy | None = TRAIN_RETRY_POLICY
 ) -> dg.AssetsDefinition:
@@ -175,6 +214,8 @@ def training_asset(
                 ),
                 resume=config.resume,
             )
+        except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError) as err:
+            raise interrupted(run_dir, key, plan.total_steps) from err
         except Exception as err:
             if training.is_transient(err):
                 raise
@@ -194,7 +235,7 @@ def training_asset(
             markdown = {k: dg.MetadataValue.md(v) for k, v in extra.markdown.items()}
             yield dg.Output(extra.manifest, output_name=kind, metadata={**extra.metadata, **markdown})
 
-    fn = with_config(train, workflow, "train")
+    fn = with_config(stop_on_interrupt(train), workflow, "train")
     return dg.multi_asset(
         name=f"{workflow.name}__train",
         group_name=workflow.name,

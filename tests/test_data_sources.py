@@ -156,11 +156,182 @@ def test_jsonl_file_with_seeded_split_is_deterministic_and_disjoint(tmp_path: Pa
     assert first.preview and first.preview[0]["messages"][0]["role"] == "user"
 
 
-def test_unreadable_file_says_which_file(tmp_path: Path) -> None:
+def test_a_file_with_no_readable_line_says_which_lines_and_why(tmp_path: Path) -> None:
     path = tmp_path / "broken.jsonl"
-    path.write_text('{"question": "q", "answer": "a"}\n{not json\n')
-    with pytest.raises(DatasetSourceError, match=r"broken\.jsonl.*as json"):
+    path.write_text('{not json\n\n[1, 2]\n{"question": "q"\n')
+    with pytest.raises(DatasetSourceError) as raised:
         load_dataset_source(str(path))
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "all 3 non-blank lines were skipped (invalid_json: 2, not_an_object: 1)" in message
+    assert "broken.jsonl line 1: invalid_json" in message and "broken.jsonl line 3: not_an_object" in message
+
+
+# -- bad lines in real exports: skipped, counted, located ------------------------------------------
+
+
+def _qa_line(i: int) -> str:
+    return json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)})
+
+
+def test_one_truncated_line_among_thirty_is_skipped_and_located(tmp_path: Path) -> None:
+    lines = [_qa_line(i) for i in range(30)]
+    lines.insert(17, _qa_line(99)[:25])  # line 18 of the file: cut off mid-string
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    loaded = load_dataset_source(str(path), test_size=5)
+    assert loaded.skipped_rows == {"invalid_json": 1}
+    (example,) = loaded.skipped_examples
+    # The cut-off value opens at column 14, after '{"question": ' (13 characters).
+    assert example == "chats.jsonl line 18: invalid_json (column 14: Unterminated string starting at)"
+    assert loaded.train_rows + loaded.test_rows == 30
+    manifest = loaded.manifest(tmp_path / "saved")
+    assert manifest.skipped_rows == {"invalid_json": 1} and manifest.skipped_examples == [example]
+
+
+def test_a_100k_line_export_with_one_bad_line_loads(tmp_path: Path) -> None:
+    bad_line = 61_234
+    path = tmp_path / "export.jsonl"
+    with path.open("w") as handle:
+        for number in range(1, 100_001):
+            line = _qa_line(number)
+            handle.write((line[:-7] if number == bad_line else line) + "\n")
+    started = time.perf_counter()
+    loaded = load_dataset_source(str(path), test_size=1000)
+    assert time.perf_counter() - started < 60
+    assert loaded.skipped_rows == {"invalid_json": 1}
+    assert loaded.skipped_examples[0].startswith(f"export.jsonl line {bad_line}: invalid_json")
+    assert (loaded.train_rows, loaded.test_rows) == (98_999, 1000)
+
+
+def test_invalid_utf8_and_non_objects_cost_only_their_line(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    good = [_qa_line(i).encode() for i in range(6)]
+    bad_utf8 = b'{"question": "caf\xe9?", "answer": "x"}'
+    lone_surrogate = b'{"question": "\\ud800?", "answer": "x"}'  # valid JSON, not encodable text
+    path.write_bytes(b"\n".join([*good[:3], bad_utf8, b"null", b'"text"', lone_surrogate, *good[3:]]))
+    loaded = load_dataset_source(str(path), test_size=2)
+    assert loaded.skipped_rows == {"invalid_utf8": 2, "not_an_object": 2}
+    assert [e.split(":")[0] for e in loaded.skipped_examples] == [
+        "mixed.jsonl line 4",
+        "mixed.jsonl line 5",
+        "mixed.jsonl line 6",
+        "mixed.jsonl line 7",
+    ]
+    assert loaded.train_rows + loaded.test_rows == 6
+
+
+def test_rows_of_mixed_types_are_judged_one_at_a_time(tmp_path: Path) -> None:
+    rows: list[dict[str, Any]] = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(5)]
+    rows += [
+        {"question": "six times seven", "answer": 42},  # a number answer is text to train on
+        {"question": {"nested": True}, "answer": "x"},  # Arrow could not hold this beside strings
+        {"question": None, "answer": "x"},
+        {"prompt": "p", "completion": "c"},  # another schema's row
+    ]
+    path = _write_jsonl(tmp_path / "types.jsonl", rows)
+    loaded = load_dataset_source(str(path), test_size=1)
+    assert loaded.schema_found == "question/answer"
+    assert loaded.skipped_rows == {"missing_field": 2, "not_a_string": 1}
+    assert loaded.train_rows + loaded.test_rows == 6
+    answers = {row["answer"] for split in ("train", "test") for row in loaded.dataset[split]}
+    assert "42" in answers
+
+
+def test_csv_rows_with_the_wrong_field_count_are_skipped_with_their_lines(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.csv"
+    lines = ["question,answer"] + [f"q{i},a{i}" for i in range(12)]
+    lines.insert(4, "q,a,extra")  # line 5: one field too many
+    lines.insert(8, "lonely")  # line 9: one too few
+    lines.append('"multi\nline question",answer,extra')  # lines 16-17: one record over two lines
+    path.write_text("\n".join(lines) + "\n")
+    loaded = load_dataset_source(str(path), test_size=2)
+    assert loaded.skipped_rows == {"wrong_field_count": 3}
+    assert loaded.skipped_examples == [
+        "pairs.csv line 5: wrong_field_count (3 fields, the header has 2)",
+        "pairs.csv line 9: wrong_field_count (1 fields, the header has 2)",
+        "pairs.csv lines 16-17: wrong_field_count (3 fields, the header has 2)",
+    ]
+    assert loaded.train_rows + loaded.test_rows == 12
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "says"),
+    [
+        (
+            "empty.jsonl",
+            b"",
+            r"empty\.jsonl is empty \(0 bytes\): it holds no rows; expected one JSON object",
+        ),
+        ("blank.jsonl", b"\n  \n", r"blank\.jsonl is empty \(only whitespace\)"),
+        ("empty.csv", b"", r"empty\.csv is empty \(0 bytes\): it holds no rows; expected a header row"),
+        (
+            "header.csv",
+            b"question,answer\n",
+            r"No rows in '.*header\.csv' split 'train'; expected a header row",
+        ),
+        ("array.json", b"[]", r"No rows in '.*array\.json' split 'train'; expected one JSON object per line"),
+        ("twice.csv", b"q,q\n1,2\n", r"the CSV header names column\(s\) \['q'\] more than once"),
+    ],
+)
+def test_empty_files_say_so(tmp_path: Path, name: str, content: bytes, says: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DatasetSourceError, match=says) as raised:
+        load_dataset_source(str(path))
+    assert "\n" not in str(raised.value)
+
+
+def test_a_json_array_file_loads_and_names_items(tmp_path: Path) -> None:
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([*_qa_rows(6), "not a row"], indent=2))
+    loaded = load_dataset_source(str(path), test_size=2)
+    assert loaded.skipped_rows == {"not_an_object": 1}
+    assert loaded.skipped_examples == ["rows.json item 7: not_an_object (a JSON str, not an object)"]
+    assert loaded.train_rows + loaded.test_rows == 6
+
+
+def test_the_dataset_asset_shows_skipped_lines_in_its_metadata(tmp_path: Path) -> None:
+    import dagster as dg
+
+    from kitchen.workflows import get_workflow
+    from kitchen_assets.common import dataset_asset
+
+    lines = [_qa_line(i) for i in range(20)]
+    lines.insert(6, _qa_line(6)[:-3])
+    path = tmp_path / "export.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = dg.materialize(
+            [dataset_asset(get_workflow("supervised"))],
+            run_config={"ops": {"supervised__dataset": {"config": {"dataset": str(path)}}}},
+            instance=instance,
+        )
+    (event,) = result.get_asset_materialization_events()
+    metadata = event.materialization.metadata
+    assert metadata["skipped_rows"].value == {"invalid_json": 1}
+    (example,) = metadata["skipped_examples"].value
+    assert example.startswith("export.jsonl line 7: invalid_json")
+    assert metadata["train_rows"].value + metadata["test_rows"].value == 20
+
+
+def test_schema_skips_are_located_too(tmp_path: Path) -> None:
+    rows = _qa_rows(6)
+    rows.insert(2, {"question": "q", "answer": "   "})
+    path = _write_jsonl(tmp_path / "qa.jsonl", rows)
+    loaded = load_dataset_source(str(path), test_size=2)
+    assert loaded.skipped_examples == ["qa.jsonl line 3: empty_content"]
+
+
+def test_a_truncated_parquet_file_names_the_root_cause(tmp_path: Path) -> None:
+    path = tmp_path / "rows.parquet"
+    Dataset.from_list(_qa_rows(8)).to_parquet(str(path))
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(DatasetSourceError) as raised:
+        load_dataset_source(str(path))
+    message = str(raised.value)
+    assert "rows.parquet" in message and "as parquet: " in message and "\n" not in message
+    assert "An error occurred while generating the dataset" not in message
 
 
 def test_csv_file_loads(tmp_path: Path) -> None:

@@ -147,7 +147,8 @@ def test_a_source_with_no_usable_pair_fails_naming_why(tmp_path: Path) -> None:
     with pytest.raises(SchemaError, match=r"all 3 skipped \(identical_pair: 3\)"):
         load_preference_dataset(PreferenceDatasetSection(dataset=str(path)))
     chat = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
-    with pytest.raises(SchemaError, match=r"No preference schema in columns \['messages'\]"):
+    no_schema = r"No recognised row schema in columns \['messages'\].*prompt/chosen/rejected"
+    with pytest.raises(SchemaError, match=no_schema):
         load_preference_dataset(PreferenceDatasetSection(dataset=str(chat)))
 
 

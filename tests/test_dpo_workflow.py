@@ -397,7 +397,7 @@ def test_bad_input_fails_in_one_line_before_training(tiny_model_dir: Path, tmp_p
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello"}) + "\n")
     result = _run(_config(tiny_model_dir, dataset=str(chat), max_rows=None))
-    assert "No preference schema in columns ['chosen', 'prompt']" in _failure(result)
+    assert "No recognised row schema in columns ['chosen', 'prompt']" in _failure(result)
 
     job = build_definitions("local").resolve_job_def("dpo_job")
     with (

@@ -162,6 +162,59 @@ def test_report_metrics_match_hand_computed_values(tiny_model_dir: Path, tmp_pat
     assert [g["reference"] for g in result.generations] == answers
 
 
+@pytest.mark.parametrize(
+    ("output", "reference", "same"),
+    [
+        ("-25", "25", False),
+        ("2.5", "25", False),
+        ("2 5", "25", False),
+        ("25.0", "25", False),
+        ("\u221225", "-25", True),  # a typographic minus is a minus
+        ("The answer is 25.", "answer is 25", True),
+        ("25.", "25", True),
+        ("+25", "25", True),
+        ("1,000", "1000", True),
+        ("x-25", "x 25", True),  # a hyphen inside a word is not a sign
+        ("A Cat!", "cat", True),
+    ],
+)
+def test_exact_match_keeps_numbers_whole(output: str, reference: str, same: bool) -> None:
+    from kitchen.eval.metrics import exact_match
+
+    assert exact_match([reference], [output]) == float(same)
+
+
+def test_token_f1_keeps_the_sign() -> None:
+    from kitchen.eval.metrics import token_f1, token_precision
+
+    assert token_f1(["25"], ["-25"]) == 0.0
+    # "-3 and 4" vs "3 and 4": "and" and "4" are shared, "-3" is not: P = R = 2/3.
+    assert token_precision(["3 and 4"], ["-3 and 4"]) == pytest.approx(2 / 3)
+    assert token_f1(["3 and 4"], ["-3 and 4"]) == pytest.approx(2 / 3)
+    assert token_f1(["2.5"], ["2 5"]) == 0.0
+
+
+def test_lm_eval_exact_match_does_not_equate_sign_decimal_or_spacing(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    rows = [r for r in arithmetic_rows(40) if len(r["answer"].lstrip("-")) >= 2][:5]
+    answers = [row["answer"] for row in rows]
+    replies = [
+        answers[0],  # right
+        f"-{answers[1]}" if not answers[1].startswith("-") else answers[1][1:],  # wrong sign
+        f"{answers[2][0]}.{answers[2][1:]}",  # a decimal point inside
+        f"{answers[3][0]} {answers[3][1:]}",  # a space inside
+        f"{answers[4]}.",  # right, with a full stop
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    questions = [row["messages"][1]["content"] for row in rows]
+    result = evaluate(ScriptedClient(tokenizer, dict(zip(questions, replies, strict=True))), tmp_path, rows)
+    assert result.metrics["exact_match"] == pytest.approx(2 / 5)
+    assert result.higher_is_better["exact_match"] is True
+
+
 # -- the report against direct client calls on the tiny model --------------------------------------
 
 
@@ -292,6 +345,35 @@ DIRECTIONS = {"exact_match": True, "nll": False, "f1": True}
             GateSettings("gsm8k/exact_match", 0),
             False,
             "not in the report",
+        ),
+        # A base NLL that is not finite: the NLL rule gives a stated verdict, never a vacuous comparison.
+        (
+            {"exact_match": 0.3, "nll": math.inf},
+            {"exact_match": 0.5, "nll": 1.0},
+            GateSettings("exact_match", 0.1),
+            True,
+            "vs base inf (the base gives a reference token zero probability",
+        ),
+        (
+            {"exact_match": 0.3, "nll": math.nan},
+            {"exact_match": 0.5, "nll": 1.0},
+            GateSettings("exact_match", 0.1),
+            False,
+            "base model's held-out NLL is nan, so whether NLL regressed cannot be judged",
+        ),
+        (
+            {"exact_match": 0.3, "nll": -math.inf},
+            {"exact_match": 0.5, "nll": 1.0},
+            GateSettings("exact_match", 0.1),
+            False,
+            "base model's held-out NLL is -inf",
+        ),
+        (
+            {"exact_match": 0.3, "nll": math.inf},
+            {"exact_match": 0.5, "nll": math.inf},
+            GateSettings("exact_match", 0.1),
+            False,
+            "held-out NLL is missing or not finite",
         ),
     ],
 )

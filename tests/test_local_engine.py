@@ -190,8 +190,9 @@ def test_unknown_loss_fn_or_config_is_refused(
     service: LocalServiceClient, tiny_model_dir: Path, tokenizer: Any
 ) -> None:
     client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=0).result()
-    with pytest.raises(ValueError, match=r"'gspo' is not supported.*'cispo', 'cross_entropy', 'dro'"):
-        client.forward_backward(make_batch(tokenizer), "gspo")
+    supported = r"'cispo', 'cross_entropy', 'dro', 'gspo'"
+    with pytest.raises(ValueError, match=rf"'no_such_loss' is not supported.*{supported}"):
+        client.forward_backward(make_batch(tokenizer), "no_such_loss")
     with pytest.raises(ValueError, match="clip"):
         client.forward_backward(make_batch(tokenizer), "cross_entropy", {"clip": 0.2})
 

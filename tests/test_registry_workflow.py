@@ -142,4 +142,5 @@ def test_unreachable_tracking_server_fails_before_training(
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
     assert main(["run", "supervised", "--model", str(tiny_model_dir)]) == 1
     assert f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in capsys.readouterr().err
-    assert not (tmp_path / "dagster" / "history").exists()  # refused before a run was launched
+    with dg.DagsterInstance.get() as instance:  # the CLI's instance (DAGSTER_HOME above)
+        assert instance.get_runs() == []  # refused before a run was launched

@@ -31,6 +31,7 @@ from tests.test_supervised_workflow import tiny_run_config
 
 SUPERVISED = get_workflow("supervised")
 supervised_job = workflow_job(SUPERVISED)
+CANARY = "kitchen-webhook-canary-3b7e21"
 
 ROWS_A = [{"question": "What is 2 + 2?", "answer": "4"}, {"question": "What is 3 + 5?", "answer": "8"}]
 ROWS_B = [*ROWS_A, {"question": "What is 7 + 1?", "answer": "8"}]
@@ -307,3 +308,19 @@ def test_failed_run_is_tagged_with_asset_and_error_and_posted(
         # An unreachable webhook is recorded on the run, not swallowed and not a sensor crash.
         tags = evaluate(run_failure_recorder(webhook_url="http://127.0.0.1:9/hook"))
         assert tags[FAILURE_WEBHOOK_TAG].startswith("failed: ")
+
+        # A webhook URL is a bearer secret (Slack's path is the credential): an unreachable one and a
+        # malformed one (whose error message quotes the URL) show only scheme and host, anywhere.
+        shown = {
+            f"http://127.0.0.1:9/services/{CANARY}": "failure webhook http://127.0.0.1:9/*** not reached",
+            f"hooks.invalid/services/{CANARY}": "failure webhook *** not reached",
+        }
+        for secret_url, line in shown.items():
+            capfd.readouterr()
+            tags = evaluate(run_failure_recorder(webhook_url=secret_url))
+            out, err = capfd.readouterr()
+            assert tags[FAILURE_WEBHOOK_TAG].startswith("failed: ")
+            assert CANARY not in out + err and CANARY not in json.dumps(tags)
+            assert line in err
+        for record in instance.get_records_for_run(result.run_id).records:
+            assert CANARY not in record.event_log_entry.to_json()

@@ -75,7 +75,7 @@ def test_supervised_job_materialises_every_asset(tiny_model_dir: Path) -> None:
     weights = read_manifest(dg.AssetKey(["supervised", "trained_weights"]))
     assert isinstance(weights, WeightsManifest)
     assert weights.sampler_path.startswith("file://")
-    adapter = Path(weights.sampler_path.removeprefix("file://"))
+    adapter = Path(weights.sampler_path.removeprefix("file://"))  # no characters to escape under tmp_path
     files = {
         name: hashlib.sha256((adapter / name).read_bytes()).hexdigest()
         for name in ("adapter_config.json", "adapter_model.safetensors")

@@ -403,12 +403,27 @@ def test_the_api_key_never_appears_in_any_output(tmp_path: Path, fake_tinker: Fa
     assert refused.returncode == 1 and "cannot connect to the Tinker service" in refused.stderr
     # 2. A service that accepts the key: a real Dagster run starts, resolves the model through the service
     #    (the key is used), records metadata, and fails later (no Hub here for the tokenizer).
-    env = _tinker_env(tmp_path, TINKER_API_KEY=CANARY, TINKER_BASE_URL=fake_tinker.url, TINKER_LOG="debug")
+    #    A failure webhook whose URL is a bearer secret is configured too (read when definitions load).
+    env = _tinker_env(
+        tmp_path,
+        TINKER_API_KEY=CANARY,
+        TINKER_BASE_URL=fake_tinker.url,
+        TINKER_LOG="debug",
+        KITCHEN_FAILURE_WEBHOOK_URL=f"https://hooks.slack.invalid/services/T0/B0/{CANARY}",
+    )
     ran = _cli(["--model", "meta-llama/Llama-3.1-8B", "--max-rows", "8", "--log-level", "DEBUG"], env)
     assert CANARY in fake_tinker.keys, "the key was never sent, so its absence below would prove nothing"
     assert ran.returncode == 1 and "supervised__datums" in ran.stderr
+    # 3. An MLflow store whose URI carries a database password: the registry preflight fails in one
+    #    line that names the store without the password.
+    store = _cli(
+        ["--model", "meta-llama/Llama-3.1-8B"],
+        {**env, "MLFLOW_TRACKING_URI": f"postgresql://kitchen:{CANARY}@127.0.0.1:{_closed_port()}/mlflow"},
+    )
+    assert store.returncode == 1 and "Traceback" not in store.stderr
+    assert "could not reach MLflow store postgresql://***@127.0.0.1:" in store.stderr
 
-    for proc in (refused, ran):
+    for proc in (refused, ran, store):
         assert CANARY not in proc.stdout and CANARY not in proc.stderr
     assert _files_containing(tmp_path / "home", CANARY) == []
     from dagster._core.instance.ref import InstanceRef

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
-from kitchen.home import DAGSTER_INSTANCE_SETTINGS
+from kitchen.cli.instance import DAGSTER_INSTANCE_SETTINGS
 from tests.test_supervised_workflow import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -65,7 +65,12 @@ class RunProgress:
             start, total = int(m["start_step"]), int(m["total_steps"])
             self.headline = str(meta.get("headline") or "loss")
             if meta.get("resumed_from"):
-                self.console.print(f"  resuming at step {start}/{total} from {meta['resumed_from']}")
+                # soft_wrap: a checkpoint URI is never folded across lines
+                self.console.print(
+                    f"  resuming at step {start}/{total} from {meta['resumed_from']}",
+                    soft_wrap=True,
+                    markup=False,
+                )
             self.progress.start()
             self.task = self.progress.add_task("train", total=total, completed=start, stats="")
         elif name == telemetry.TRAINING_STEP and self.task is not None:

@@ -8,19 +8,23 @@ With ``--verbose``, Dagster's event log and the libraries' own output as they ha
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from kitchen.cli.flags import config_from_flags, format_validation_error
+from kitchen.cli.instance import prepare_dagster_home
 from kitchen.cli.location import load_definitions
 from kitchen.cli.progress import RunProgress, quiet_output
-from kitchen.home import home_dir, prepare_dagster_home
+from kitchen.home import home_dir
 from kitchen.manifests import (
     CheckpointsManifest,
     EvalManifest,
@@ -39,6 +43,10 @@ _QUIET_ENV = {
 }
 
 
+EXIT_INTERRUPTED = 130  # what a shell reports for a process stopped by SIGINT
+_INTERRUPTS = frozenset({"KeyboardInterrupt", "DagsterExecutionInterruptedError"})
+
+
 def _fail(message: str, code: int = 1) -> int:
     print(f"kitchen: {message}", file=sys.stderr)
     return code
@@ -50,22 +58,32 @@ def run_workflow(args: argparse.Namespace) -> int:
         config = config_from_flags(workflow.config, args)
     except ValidationError as err:
         return _fail(format_validation_error(err), 2)
+    verbose = bool(args.verbose)
+    log_path = home_dir("logs") / f"{workflow.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    if not verbose:
+        os.environ.update({k: v for k, v in _QUIET_ENV.items() if k not in os.environ})
     prepare_dagster_home()
     try:
         defs = load_definitions(args.backend)
     except ValueError as err:
         return _fail(str(err), 2)
-    problem = _preflight(defs)
+    problem = _preflight(defs, config.model_dump()) or _check_dataset(workflow, config, verbose, log_path)
     if problem:
         return _fail(problem)
 
-    verbose = bool(args.verbose)
-    log_path = home_dir("logs") / f"{workflow.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    if not verbose:
-        os.environ.update({k: v for k, v in _QUIET_ENV.items() if k not in os.environ})
+    from dagster import DagsterExecutionInterruptedError
+
     started = time.perf_counter()
-    result = _execute(defs, workflow, config.model_dump(exclude_defaults=True), verbose, log_path)
+    try:
+        result = _execute(defs, workflow, config.model_dump(exclude_defaults=True), verbose, log_path)
+    except (KeyboardInterrupt, DagsterExecutionInterruptedError):
+        return _interrupted(
+            "interrupted; the same command resumes (training from its latest checkpoint)", log_path
+        )
     seconds = time.perf_counter() - started
+    interruption = _interruption(result)
+    if interruption is not None:
+        return _interrupted(f"{workflow.name} run {result.run_id} {interruption}", log_path)
     outputs = _manifests(result)
     if not result.success:
         print(f"\nkitchen: {workflow.name} run {result.run_id} failed after {seconds:.0f}s", file=sys.stderr)
@@ -73,27 +91,98 @@ def run_workflow(args: argparse.Namespace) -> int:
             print(f"  {step}: {message}", file=sys.stderr)
         if not verbose:
             print(f"  full log: {log_path}", file=sys.stderr)
-        if "eval_report" in outputs:
-            _print_summary(workflow, result.run_id, outputs, seconds)  # evaluation ran: its table and gate
+        if "eval_report" in outputs:  # evaluation ran: its table and gate
+            _print_summary(workflow, result.run_id, outputs, seconds, _resumed_from(result))
         return 1
-    _print_summary(workflow, result.run_id, outputs, seconds)
+    _print_summary(workflow, result.run_id, outputs, seconds, _resumed_from(result))
     if not verbose:
         print(f"log: {log_path}")
     return 0
 
 
-def _preflight(defs: Any) -> str | None:
-    """A missing key, an unreachable service or registry: one line now, not a failed run later."""
+def _check_dataset(workflow: Workflow, config: Any, verbose: bool, log_path: Path) -> str | None:
+    """Load the dataset as the workflow's ``dataset`` asset will, before any model is resolved or
+    dequantized: a bad file or an unknown source is one line here, its traceback in the run's log (and on
+    the terminal with ``--verbose``). Hub sources are only as expensive as the asset's own load, which then
+    reads the Hub cache."""
+    section_type = workflow.sections["dataset"]
+    section = section_type(**{name: getattr(config, name) for name in section_type.model_fields})
+    source = getattr(section, "dataset", "the dataset")
+    try:
+        with contextlib.nullcontext() if verbose else quiet_output(log_path):
+            workflow.load_dataset(section)
+    except Exception as err:
+        if verbose:
+            traceback.print_exc()
+        else:
+            with log_path.open("a") as log:
+                log.write(traceback.format_exc())
+        reason = " ".join(str(err).split()) or type(err).__name__
+        if not isinstance(err, ValueError):  # DatasetSourceError, SchemaError: messages made for users
+            reason = f"{type(err).__name__}: {reason}"
+        where = "" if verbose else f" (traceback: {log_path})"
+        return f"dataset {source!r}: {reason} -- fix it or pass another --dataset{where}"
+    return None
+
+
+def _interrupted(message: str, log_path: Path) -> int:
+    """Ctrl-C: one line, then exit at once. The run's state is already on disk (the ledger names only
+    whole checkpoints); waiting for the interpreter to join worker threads would wait for the request
+    the engine is running, which on a large model takes as long as a training step."""
+    print(f"\nkitchen: {message} (log: {log_path})", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _interruption(result: Any) -> str | None:
+    """How the run was interrupted (the interrupted step's own account), or None when it was not."""
+    for event in result.all_events:
+        if not (event.is_step_failure or event.is_run_failure):
+            continue
+        chain, error = [], getattr(event.event_specific_data, "error", None)
+        while error is not None:
+            chain.append(error)
+            error = error.cause
+        if any(e.cls_name in _INTERRUPTS for e in chain):
+            told = [
+                _error_text(e)
+                for e in chain
+                if e.message.strip()
+                and not (e.cls_name or "").startswith("Dagster")
+                and e.cls_name not in _INTERRUPTS
+            ]
+            where = f" during {event.step_key}" if event.step_key else ""
+            return (
+                told[0]
+                if told
+                else f"interrupted{where}; the same command resumes (training from its latest checkpoint)"
+            )
+    return None
+
+
+def _preflight(defs: Any, settings: dict[str, Any]) -> str | None:
+    """A missing key, an unreachable service or registry, a registered model that does not exist: one
+    line now, not a failed run later."""
     import dagster as dg
 
     from kitchen.contract import BackendUnavailableError
     from kitchen.registry import RegistryError
+    from kitchen.registry.starting import is_registered_ref
 
     resources = defs.resources or {}
     try:
         with dg.build_resources({"training": resources["training"]}) as built:
             built.training.preflight()
-        resources["registry"].preflight()
+        registry = resources["registry"]
+        registry.preflight()
+        for name, value in settings.items():
+            if isinstance(value, str) and is_registered_ref(value):
+                try:
+                    registry.registry().resolve(value.strip())
+                except RegistryError as err:
+                    return f"--{name.replace('_', '-')} {value}: {err}"
     except (BackendUnavailableError, RegistryError) as err:
         return str(err)
     return None
@@ -127,6 +216,15 @@ def _manifests(result: Any) -> dict[str, Manifest]:
     return found
 
 
+def _resumed_from(result: Any) -> str | None:
+    """The checkpoint training resumed from (``step N: URI``), as the run's materialisations record it."""
+    for event in result.get_asset_materialization_events():
+        entry = event.step_materialization_data.materialization.metadata.get("resumed_from")
+        if entry is not None and getattr(entry, "value", None):
+            return str(entry.value)
+    return None
+
+
 def _step_failures(result: Any) -> list[tuple[str, str]]:
     failures = []
     for event in result.all_events:
@@ -136,16 +234,26 @@ def _step_failures(result: Any) -> list[tuple[str, str]]:
                 error is not None and error.cause is not None and (error.cls_name or "").startswith("Dagster")
             ):
                 error = error.cause
-            message = " ".join((error.message if error else "unknown error").split())
-            failures.append((event.step_key or "step", message))
+            failures.append((event.step_key or "step", _error_text(error) if error else "unknown error"))
     return failures
+
+
+def _error_text(error: Any) -> str:
+    """An error's message on one line, without the ``dagster._core...Failure:`` prefix of a ``Failure``."""
+    text = " ".join((error.message or "").split())
+    prefix = f"{error.cls_name}: "
+    if error.cls_name == "Failure" and prefix in text:
+        text = text.split(prefix, 1)[1]
+    return text or str(error.cls_name)
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
-def _print_summary(workflow: Workflow, run_id: str, outputs: dict[str, Manifest], seconds: float) -> None:
+def _print_summary(
+    workflow: Workflow, run_id: str, outputs: dict[str, Manifest], seconds: float, resumed_from: str | None
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -155,6 +263,8 @@ def _print_summary(workflow: Workflow, run_id: str, outputs: dict[str, Manifest]
     report = outputs.get("eval_report")
     # Paths go through plain print: rich would wrap them mid-URI.
     print(f"\n{workflow.name} run {run_id} ({seconds / 60:.1f} min)")
+    if resumed_from:
+        print(f"resumed from checkpoint {resumed_from}")
     if isinstance(weights, WeightsManifest):
         print(f"weights (for sampling): {weights.sampler_path}")
         print(f"training state:         {weights.state_path}")

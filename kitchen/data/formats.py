@@ -1,13 +1,15 @@
 """Row formats: what a workflow's dataset rows normalise to (chat conversations, preference pairs, problems).
 
-``load_dataset_source`` reads any source (built-in, file, directory, Hub) the same way; the format says
-which source schemas are recognised, how a row becomes the normalised shape (``RowSkipped`` for rows that
-cannot, counted by reason), the Arrow features of the normalised splits, and how a row reads in the UI.
+``load_dataset_source`` reads any source (built-in, file, directory, Hub) the same way, line by line where
+it parses files itself, counting what it skips; the format says which source schemas are recognised (by
+their columns, in detection order), how a row becomes the normalised shape (``RowSkipped`` for rows that
+cannot, counted by reason), the Arrow features of the normalised splits, how a row reads in the UI, and
+which source split names hold the training and the held-out rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,9 +17,12 @@ from datasets import Features
 
 from kitchen.data.schemas import (
     NORMALIZED_FEATURES,
+    SCHEMAS,
     NormalizedRow,
     NormalizeResult,
+    describe_schemas,
     detect_schema,
+    normalize_row,
     normalize_rows,
 )
 
@@ -28,9 +33,10 @@ TEST_SPLIT_NAMES: tuple[str, ...] = ("test", "validation", "valid", "dev")
 @dataclass(frozen=True)
 class RowFormat:
     name: str
-    detect: Callable[[Iterable[str]], str]
-    """Columns -> the name of the source schema found; ``SchemaError`` naming the accepted ones."""
-    normalize: Callable[[Iterable[Mapping[str, Any]], str], NormalizeResult]
+    schemas: Mapping[str, tuple[str, ...]]
+    """Accepted source schemas: name -> columns that must all be present, in detection order."""
+    normalize_row: Callable[[Mapping[str, Any], str], NormalizedRow]
+    """One source row of a schema -> the normalised row; raises ``RowSkipped(reason)`` for bad rows."""
     features: Features
     preview: Callable[[Mapping[str, Any]], dict[str, str]]
     """One normalised row as a few readable columns (the dataset asset's preview table)."""
@@ -44,6 +50,22 @@ class RowFormat:
         """Every split name this format recognises, plus the common ones (data-file names pick splits)."""
         return tuple(dict.fromkeys((*self.train_splits, *self.test_splits, "train", *TEST_SPLIT_NAMES)))
 
+    def detect(self, columns: Iterable[str]) -> str:
+        """The first schema whose columns are all present, else a ``SchemaError`` naming the accepted."""
+        return detect_schema(columns, self.schemas)
+
+    def describe(self) -> str:
+        return describe_schemas(self.schemas)
+
+    def normalize(
+        self,
+        rows: Iterable[Mapping[str, Any]],
+        schema: str,
+        where: Sequence[str] | None = None,
+        label: str = "row",
+    ) -> NormalizeResult:
+        return normalize_rows(rows, schema, where, label, normalize=self.normalize_row)
+
 
 def _chat_preview(row: Mapping[str, Any]) -> dict[str, str]:
     turns = " / ".join(f"{m['role']}: {m['content']}" for m in row["messages"])
@@ -53,8 +75,8 @@ def _chat_preview(row: Mapping[str, Any]) -> dict[str, str]:
 #: Chat conversations ``{"messages", "answer"}``: SFT, and the prompts of distillation.
 CHAT = RowFormat(
     name="chat",
-    detect=detect_schema,
-    normalize=normalize_rows,
+    schemas=SCHEMAS,
+    normalize_row=normalize_row,
     features=NORMALIZED_FEATURES,
     preview=_chat_preview,
 )

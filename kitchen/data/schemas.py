@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,35 +65,57 @@ class RowSkipped(ValueError):
         self.reason = reason
 
 
-def describe_schemas() -> str:
-    return "; ".join(f"{name} ({', '.join(cols)})" for name, cols in SCHEMAS.items())
+def describe_schemas(schemas: Mapping[str, tuple[str, ...]] | None = None) -> str:
+    return "; ".join(f"{name} ({', '.join(cols)})" for name, cols in (schemas or SCHEMAS).items())
 
 
-def detect_schema(columns: Iterable[str]) -> str:
-    """Name of the first accepted schema whose columns are all present, else a ``SchemaError``."""
+def detect_schema(columns: Iterable[str], schemas: Mapping[str, tuple[str, ...]] | None = None) -> str:
+    """Name of the first accepted schema (of ``schemas``, default the chat ones) whose columns are all
+    present, else a ``SchemaError``."""
     present = set(columns)
-    for name, required in SCHEMAS.items():
+    for name, required in (schemas or SCHEMAS).items():
         if present.issuperset(required):
             return name
     raise SchemaError(
-        f"No recognised row schema in columns {sorted(present)}. Accepted schemas: {describe_schemas()}."
+        f"No recognised row schema in columns {sorted(present)}: rename the columns to one of the "
+        f"accepted schemas: {describe_schemas(schemas)}."
     )
+
+
+#: How many skipped rows a result names by place (every skip is counted; these say where to look).
+MAX_SKIPPED_EXAMPLES = 20
 
 
 @dataclass
 class NormalizeResult:
     rows: list[NormalizedRow]
     skipped: Counter[str] = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    """``"<where>: <reason>"`` for the first skipped rows (``where`` from ``normalize_rows``' labels)."""
 
 
-def normalize_rows(rows: Iterable[Mapping[str, Any]], schema: str) -> NormalizeResult:
-    """Normalise every row, skipping (and counting by reason) those that are malformed or empty."""
+def normalize_rows(
+    rows: Iterable[Mapping[str, Any]],
+    schema: str,
+    where: Sequence[str] | None = None,
+    label: str = "row",
+    *,
+    normalize: Callable[[Mapping[str, Any], str], NormalizedRow] | None = None,
+) -> NormalizeResult:
+    """Normalise every row (with ``normalize``, default the chat ``normalize_row``), skipping (and
+    counting by reason) those that are malformed or empty.
+
+    ``where`` labels each row (``train.jsonl line 17``) for the examples; by default ``<label> <n>``."""
+    convert = normalize or normalize_row
     result = NormalizeResult(rows=[])
-    for row in rows:
+    for index, row in enumerate(rows):
         try:
-            result.rows.append(normalize_row(row, schema))
+            result.rows.append(convert(row, schema))
         except RowSkipped as skip:
             result.skipped[skip.reason] += 1
+            if len(result.examples) < MAX_SKIPPED_EXAMPLES:
+                place = where[index] if where is not None else f"{label} {index + 1}"
+                result.examples.append(f"{place}: {skip.reason}")
     return result
 
 
@@ -132,7 +154,19 @@ def normalize_row(row: Mapping[str, Any], schema: str) -> NormalizedRow:
     _check_order(messages)
     if answer is not None and not isinstance(answer, str):
         answer = str(answer)
+    # JSON escapes can spell lone surrogates ("\ud800"), which no UTF-8 file or Arrow column can hold.
+    for text in [m["content"] for m in messages] + ([answer] if answer else []):
+        if not _encodable(text):
+            raise RowSkipped("invalid_utf8")
     return {"messages": messages, "answer": answer.strip() if answer and answer.strip() else None}
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _text(value: Any, *, numbers: bool = False) -> str:

@@ -56,7 +56,8 @@ def gate_verdict(
 ) -> GateVerdict:
     """Pass only if the primary metric improves by at least ``margin`` (and by more than nothing, so a
     model identical to its base, such as one trained with learning rate 0, always fails) and held-out
-    NLL rises by no more than ``max_nll_increase``."""
+    NLL rises by no more than ``max_nll_increase``. A base NLL that is not finite is decided explicitly:
+    +inf passes the NLL rule (any finite NLL is better), NaN or -inf fails it (nothing to compare to)."""
     metric, margin = settings.metric, settings.margin
     if metric not in base or metric not in trained:
         available = ", ".join(sorted(set(base) & set(trained)))
@@ -94,6 +95,20 @@ def gate_verdict(
         )
     if b_nll is None or t_nll is None or not math.isfinite(t_nll):
         return verdict(False, f"{numbers}, but held-out NLL is missing or not finite")
+    if not math.isfinite(b_nll):
+        # "NLL does not rise" compared with inf or NaN is vacuous, so the outcome is decided here: an
+        # infinite base NLL is beaten by any finite one; NaN (or -inf) means the base could not be scored.
+        if b_nll == math.inf:
+            return verdict(
+                True,
+                f"{numbers} >= margin {margin:.4g}; held-out NLL {t_nll:.4g} vs base inf "
+                "(the base gives a reference token zero probability; any finite NLL is no regression)",
+            )
+        return verdict(
+            False,
+            f"{numbers}, but the base model's held-out NLL is {b_nll}, so whether NLL regressed "
+            "cannot be judged; check the base model's evaluation",
+        )
     if t_nll > b_nll + settings.max_nll_increase + _EPS:
         return verdict(
             False,

@@ -33,12 +33,38 @@ class HeldoutResult:
     seconds: float = 0.0
 
 
+# A number as written, kept whole: a sign that is not a hyphen inside a word, digits (commas only as
+# thousands separators), an optional decimal part. Deleting whitespace and punctuation around it would
+# score "-25", "2.5" and "2 5" as "25".
+_NUMBER = re.compile(
+    r"(?<![\w.])(?P<sign>[-+\u2212])?(?:(?P<int>\d{1,3}(?:,\d{3})+|\d+)(?P<frac>\.\d+)?|(?P<bare>\.\d+))(?!\w)"
+)
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+
+
+def _words(text: str) -> list[str]:
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    return _ARTICLES.sub(" ", text).split()
+
+
+def _number(match: re.Match[str]) -> str:
+    sign = "-" if match["sign"] in ("-", "\u2212") else ""
+    if match["bare"] is not None:
+        return f"{sign}0{match['bare']}"
+    return f"{sign}{match['int'].replace(',', '')}{match['frac'] or ''}"
+
+
 def normalize_answer(text: str) -> str:
-    """SQuAD-style normalisation: lower case, no punctuation or articles, single spaces."""
-    text = text.lower()
-    text = re.sub(r"[^\w\s]", " ", text)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
+    """SQuAD-style normalisation (lower case, no punctuation or articles, single spaces) that keeps each
+    number whole: its sign and decimal point stay, ``1,000`` reads as ``1000`` and ``+5`` as ``5``."""
+    tokens: list[str] = []
+    last = 0
+    for match in _NUMBER.finditer(text):
+        tokens += _words(text[last : match.start()])
+        tokens.append(_number(match))
+        last = match.end()
+    tokens += _words(text[last:])
+    return " ".join(tokens)
 
 
 def token_prf(prediction: str, reference: str) -> tuple[float, float, float]:

@@ -1,9 +1,10 @@
 """Metric functions Kitchen's lm-eval task YAMLs reference (``!function kitchen.eval.metrics.<name>``).
 
 Only what lm-eval lacks lives here: SQuAD-style token precision/recall/F1 for free-form generations
-(lm-eval has them only inside its SQuAD tasks, through HF ``evaluate``), and per-token NLL for a
-loglikelihood task (lm-eval's ``perplexity`` is per document). Exact match and the token-weighted
-perplexity are lm-eval's own.
+(lm-eval has them only inside its SQuAD tasks, through HF ``evaluate``), per-token NLL for a
+loglikelihood task (lm-eval's ``perplexity`` is per document), and an exact match that keeps numbers
+whole (lm-eval's, told to ignore punctuation and whitespace, scores ``-25``, ``2.5`` and ``2 5`` as
+``25``). The token-weighted perplexity is lm-eval's own.
 """
 
 from __future__ import annotations
@@ -13,13 +14,20 @@ from typing import Any
 
 from lm_eval.api.metrics import weighted_mean
 
-from kitchen.eval.heldout import token_prf
+from kitchen.eval.heldout import normalize_answer, token_prf
 
 
 def _prf(references: Sequence[str], predictions: Sequence[str]) -> tuple[float, float, float]:
     # lm-eval calls generation metrics one document at a time: references=[gold], predictions=[output].
     (reference,), (prediction,) = references, predictions
     return token_prf(str(prediction), str(reference))
+
+
+def exact_match(references: Sequence[str], predictions: Sequence[str], **_: Any) -> float:
+    """1.0 when the output equals the reference after ``normalize_answer`` (case, punctuation and
+    articles ignored; a number's sign, decimal point and digits all count)."""
+    (reference,), (prediction,) = references, predictions
+    return float(normalize_answer(str(prediction)) == normalize_answer(str(reference)))
 
 
 def token_precision(references: Sequence[str], predictions: Sequence[str], **_: Any) -> float:

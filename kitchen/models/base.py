@@ -18,6 +18,7 @@ from typing import Any
 
 from kitchen.hashing import hash_file, hash_tree
 from kitchen.home import home_dir
+from kitchen.locks import home_lock, once
 from kitchen.manifests import BaseModelManifest
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -72,8 +73,12 @@ def _packaged_default(name: str) -> BaseModelManifest:
     gguf = _packaged_gguf()
     gguf_hash = hash_file(gguf)
     target = home_dir("models") / f"smollm2-135m-instruct-{gguf_hash[:12]}"
-    if not (target / _INFO_FILE).is_file():
-        _dequantize_gguf(gguf, target, source_hash=gguf_hash)
+    # One process dequantizes (about 40 s, 538 MB); one started alongside waits for it, then reuses it.
+    once(
+        lambda: (target / _INFO_FILE).is_file(),
+        lambda: _dequantize_gguf(gguf, target, source_hash=gguf_hash),
+        home_lock(f"models-{target.name}"),
+    )
     info = json.loads((target / _INFO_FILE).read_text())
     return BaseModelManifest(
         name=name,
@@ -89,7 +94,8 @@ def _packaged_default(name: str) -> BaseModelManifest:
 
 
 def _dequantize_gguf(gguf: Path, target: Path, *, source_hash: str) -> None:
-    """Load the GGUF through ``transformers`` (dequantizing it) and save plain safetensors, atomically."""
+    """Load the GGUF through ``transformers`` (dequantizing it) and save plain safetensors, atomically.
+    Called under the model's lock, so nothing else is writing or reading an unfinished ``target``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

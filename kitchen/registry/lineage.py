@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-from kitchen.hashing import hash_file, hash_json
+from kitchen.hashing import ADAPTER_FILES, hash_file, hash_json
 from kitchen.manifests import (
     BaseModelManifest,
     CheckpointsManifest,
@@ -27,7 +27,6 @@ from kitchen.manifests import (
     WeightsManifest,
 )
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # MLflow caps run tag values at 8000 characters (model version tags at 100000).
 RUN_TAG_LIMIT = 8000
 

@@ -13,15 +13,17 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from kitchen.hashing import hash_json
 from kitchen.home import home_dir, kitchen_home
+from kitchen.locks import file_lock, lock_path
 from kitchen.registry.names import ModelRef, parse_model_ref, validate_model_name
+from kitchen.secrets import redact_text, redact_uri, secret_values
 from kitchen.telemetry.sinks import mlflow as telemetry_mlflow
 from kitchen.telemetry.sinks.mlflow import DAGSTER_RUN_TAG
 
@@ -56,16 +58,6 @@ def default_artifact_root() -> str:
     return (kitchen_home() / "mlruns").resolve().as_uri()
 
 
-def redact_uri(uri: str) -> str:
-    """``uri`` without user name or password (tracking URIs may carry basic-auth credentials)."""
-    parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
 def is_remote(uri: str) -> bool:
     return urlsplit(uri).scheme in _REMOTE_SCHEMES
 
@@ -77,18 +69,23 @@ def _sqlite_path(uri: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock held by this process for the block (released if it dies)."""
-    import fcntl
+def open_client(tracking_uri: str, registry_uri: str | None = None) -> MlflowClient:
+    """An ``MlflowClient`` whose stores exist. For SQLite, the first connection creates the tables and
+    runs MLflow's migrations; two processes doing that at once on a fresh file fail one of them, so it
+    happens under a lock beside each database file (shared with the telemetry sink)."""
+    from mlflow import MlflowClient
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    tracking_db = _sqlite_path(tracking_uri)
+    registry_db = _sqlite_path(registry_uri) if registry_uri else None
+    with ExitStack() as locks:
+        for db in sorted({d for d in (tracking_db, registry_db) if d is not None}):  # one order for all
+            locks.enter_context(file_lock(lock_path(db)))
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+        if tracking_db is not None:
+            client.search_experiments(max_results=1)
+        if registry_db is not None:
+            client.search_registered_models(max_results=1)
+    return client
 
 
 @dataclass(frozen=True)
@@ -194,24 +191,25 @@ class ModelRegistry:
     def client(self) -> MlflowClient:
         """The client, with the store's tables created once (under a lock for SQLite)."""
         if self._client is None:
-            from mlflow import MlflowClient
-
-            db = _sqlite_path(self.tracking_uri)
-            # Two processes opening a fresh SQLite file would both run MLflow's migrations (the client's
-            # constructor already does), so the first connection per file is serialised.
-            with file_lock(db.with_name(db.name + ".init.lock")) if db else _null():
-                client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
-                client.search_registered_models(max_results=1)
-            self._client = client
+            self._client = open_client(self.tracking_uri, self.registry_uri)
         return self._client
 
     def _call(self, fn: Any, verb: str) -> Any:
+        """``fn()``; any failure (MLflow's, a missing database driver, a refused connection) becomes one
+        ``RegistryError`` line naming the store without its credentials. The original exception is not
+        chained: its text may hold the password, and Dagster records a failure's whole cause chain."""
         from mlflow.exceptions import MlflowException
 
         try:
             return fn()
-        except MlflowException as err:
-            raise RegistryError(f"could not {verb} MLflow store {self.display_uri}: {err.message}") from err
+        except Exception as err:
+            detail = str(err.message) if isinstance(err, MlflowException) else f"{type(err).__name__}: {err}"
+            uris = {"tracking": self.tracking_uri, "registry": self.registry_uri}
+            detail = redact_text(" ".join(detail.split()), secret_values(uris, min_length=1))
+            for uri in uris.values():
+                detail = detail.replace(uri, redact_uri(uri))
+            error = RegistryError(f"could not {verb} MLflow store {self.display_uri}: {detail[:400]}")
+        raise error
 
     @contextmanager
     def lock(self, name: str) -> Iterator[None]:
@@ -394,8 +392,3 @@ def _quote(value: str) -> str:
 
 def _fmt_aliases(aliases: dict[str, str]) -> str:
     return ", ".join(f"{a} -> v{v}" for a, v in sorted(aliases.items()))
-
-
-@contextmanager
-def _null() -> Iterator[None]:
-    yield

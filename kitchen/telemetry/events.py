@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import re
 import threading
 import time
@@ -26,6 +25,8 @@ from types import MappingProxyType
 from typing import Any
 
 import blinker
+
+from kitchen.secrets import REDACTED, is_secret_name, redact_text, secret_values
 
 log = logging.getLogger("kitchen.telemetry")
 
@@ -205,28 +206,20 @@ def current_scope() -> Mapping[str, Any]:
 
 # --- secrets never leave the process ----------------------------------------------------------------
 
-# Names of environment variables (and metadata keys) that hold secrets: TINKER_API_KEY, HF_TOKEN,
-# AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD, OTEL_EXPORTER_OTLP_HEADERS, ...; not asset_key or tokens.
-_SECRET_NAME = re.compile(
-    r"(^|_)(API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?|AUTH|AUTHORIZATION|HEADERS)(_|$)",
-    re.IGNORECASE,
-)
-REDACTED = "[REDACTED]"
+# Which names and values are secrets is kitchen.secrets' rule (TINKER_API_KEY, HF_TOKEN, passwords in
+# URLs, webhook URLs, OTEL_EXPORTER_OTLP_HEADERS, ...; not asset_key or tokens), shared with the registry.
 
 
 def _secret_values() -> list[str]:
-    return [v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 6]
+    return secret_values()
 
 
 def _redact(value: Any, secrets: list[str]) -> Any:
     if isinstance(value, str):
-        for secret in secrets:
-            if secret in value:
-                value = value.replace(secret, REDACTED)
-        return value
+        return redact_text(value, secrets)
     if isinstance(value, Mapping):
         return {
-            k: REDACTED if isinstance(k, str) and _SECRET_NAME.search(k) else _redact(v, secrets)
+            k: REDACTED if isinstance(k, str) and is_secret_name(k) else _redact(v, secrets)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):

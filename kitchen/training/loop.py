@@ -23,7 +23,8 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,17 +32,20 @@ from typing import Any, Protocol
 from tinker import types
 
 from kitchen.contract import ResultFuture, ServiceClient, TrainingClient
+from kitchen.locks import file_lock
 from kitchen.training.ledger import Checkpoint, Ledger
 from kitchen.training.plan import Policy, StepBatch, TrainingPlan
 from kitchen.training.schedule import LRSchedule, learning_rate_at
 
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".training.lock"
 
 __all__ = [
     "METRICS_FILE",
     "BaseObserver",
     "Checkpoint",
     "Ledger",
+    "RunDirInUseError",
     "StepMetrics",
     "TrainingObserver",
     "TrainingResult",
@@ -169,7 +173,42 @@ def run_training(
     observer: TrainingObserver | None = None,
     resume: bool = True,
 ) -> TrainingResult:
-    """Train ``plan.total_steps`` steps, checkpointing into ``run_dir`` and resuming a run with ``key``."""
+    """Train ``plan.total_steps`` steps, checkpointing into ``run_dir`` and resuming a run with ``key``.
+
+    One run at a time per ``run_dir``: a second run with the same inputs started meanwhile fails at once
+    (``RunDirInUseError``) instead of interleaving its ledger with the first's.
+    """
+    with _claim(run_dir):
+        return _run_training(service, spec, plan, run_dir, key=key, observer=observer, resume=resume)
+
+
+class RunDirInUseError(RuntimeError):
+    """Another process is training in the same run directory (the same inputs)."""
+
+
+@contextmanager
+def _claim(run_dir: Path) -> Iterator[None]:
+    with ExitStack() as held:
+        try:
+            held.enter_context(file_lock(run_dir / LOCK_FILE, timeout_s=0))
+        except TimeoutError:  # only the claim's: a timeout while training is the backend's to judge
+            raise RunDirInUseError(
+                f"another training run with the same inputs is running in {run_dir}; wait for it to finish "
+                "(rerunning then resumes from its checkpoints) or change an input"
+            ) from None
+        yield
+
+
+def _run_training(
+    service: ServiceClient,
+    spec: TrainingSpec,
+    plan: TrainingPlan,
+    run_dir: Path,
+    *,
+    key: str,
+    observer: TrainingObserver | None = None,
+    resume: bool = True,
+) -> TrainingResult:
     if plan.total_steps < 1:
         raise ValueError(f"the plan has {plan.total_steps} steps; there is nothing to train")
     if spec.max_in_flight < 1:

@@ -4,6 +4,7 @@ Layout under the engine root::
 
     <root>/<session_id>/state/<name>/    adapter.safetensors, optimizer.pt, rng.pt, kitchen_state.json
     <root>/<session_id>/sampler/<name>/  adapter_config.json, adapter_model.safetensors, kitchen_sampler.json
+    <root>/<session_id>/run.json         the session's run record (base model, rank, user_metadata)
 
 Every checkpoint is assembled in a hidden staging directory beside its target and renamed into place
 only when complete; its manifest is written last and records a SHA-256 of every file, which loading
@@ -20,7 +21,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,21 +45,44 @@ class CheckpointError(ValueError):
     """A checkpoint exists but cannot be trusted or does not fit: the message says why."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, a read-only or unwritable home): names its path."""
+
+
+def _write_failed(target: Path, error: BaseException) -> CheckpointWriteError:
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    failure = CheckpointWriteError(
+        f"cannot write checkpoint {target}: {reason or type(error).__name__}; if that disk is full or "
+        "KITCHEN_HOME is not writable there, fix it and rerun: training resumes from the last checkpoint"
+    )
+    failure.errno = error.errno if isinstance(error, OSError) else None
+    return failure
+
+
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a staging directory that replaces ``target`` only if the block completes.
 
     An existing ``target`` is swapped out by two renames and then deleted, so a reader sees the old
-    checkpoint, briefly nothing, then the new one: never a mixture.
+    checkpoint, briefly nothing, then the new one: never a mixture. Any failure to write (the writers
+    report a full disk without a file name) is raised as ``CheckpointWriteError`` naming ``target``.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
-        yield staging
-        for path in staging.rglob("*"):
-            if path.is_file():
-                _fsync(path)
-        _swap_into_place(staging, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    except OSError as error:
+        raise _write_failed(target, error) from error
+    try:
+        try:
+            yield staging
+            for path in staging.rglob("*"):
+                if path.is_file():
+                    _fsync(path)
+            _swap_into_place(staging, target)
+        except Exception as error:
+            if isinstance(error, CheckpointError):
+                raise
+            raise _write_failed(target, error) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -101,6 +125,11 @@ class StateInfo:
     seed: int
     step: int
     session_id: str
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = False
+    """Which layers carry LoRA (the SDK's ``train_*``); checkpoints written before these were recorded
+    adapted attention and MLP layers only, which the defaults say."""
 
 
 @dataclass(frozen=True)
@@ -141,10 +170,10 @@ def read_state_info(directory: Path) -> StateInfo:
 
 
 def _state_info(directory: Path, manifest: dict[str, Any]) -> StateInfo:
-    try:
-        return StateInfo(**{key: manifest[key] for key in StateInfo.__dataclass_fields__})
-    except KeyError as exc:
-        raise CheckpointError(f"checkpoint {directory}: {STATE_MANIFEST} lacks {exc}") from exc
+    missing = [f.name for f in fields(StateInfo) if f.default is MISSING and f.name not in manifest]
+    if missing:
+        raise CheckpointError(f"checkpoint {directory}: {STATE_MANIFEST} lacks {missing}")
+    return StateInfo(**{f.name: manifest[f.name] for f in fields(StateInfo) if f.name in manifest})
 
 
 def read_training_state(directory: Path, *, with_optimizer: bool) -> LoadedState:
@@ -229,3 +258,47 @@ def _verify_files(directory: Path, files: Any) -> None:
                 f"checkpoint {directory} is corrupt: {name} has sha256 {actual[:12]}…, "
                 f"manifest records {str(expected)[:12]}…"
             )
+
+
+# -- the run record ------------------------------------------------------------------------------------
+
+RUN_RECORD = "run.json"
+RUN_FORMAT = "kitchen-local-run/1"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A training session as the SDK's REST client describes it (``tinker.types.TrainingRun``)."""
+
+    training_run_id: str
+    base_model: str
+    lora_rank: int
+    user_metadata: dict[str, str] = field(default_factory=dict)
+
+
+def write_run_record(session_dir: Path, record: RunRecord) -> None:
+    """Written (atomically) beside the session's checkpoints, so it lives and goes with them."""
+    session_dir.mkdir(parents=True, exist_ok=True)
+    target = session_dir / RUN_RECORD
+    staging = session_dir / f".{RUN_RECORD}.{uuid.uuid4().hex[:8]}"
+    _write_json(staging, {"format": RUN_FORMAT, **asdict(record)})
+    os.replace(staging, target)
+
+
+def read_run_record(session_dir: Path) -> RunRecord | None:
+    """The session's run record, or ``None`` when it has none (sessions older than the record)."""
+    path = session_dir / RUN_RECORD
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"unreadable run record {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{path} is not a Kitchen run record (format {RUN_FORMAT!r})")
+    return RunRecord(
+        training_run_id=str(payload["training_run_id"]),
+        base_model=str(payload["base_model"]),
+        lora_rank=int(payload["lora_rank"]),
+        user_metadata={str(k): str(v) for k, v in (payload.get("user_metadata") or {}).items()},
+    )

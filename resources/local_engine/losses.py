@@ -8,7 +8,15 @@ into micro-batches and accumulate gradients; a loss that couples datums goes thr
 
 The formulas and ``loss_fn_config`` defaults are Tinker's documented ones (tinker-docs, "Loss
 functions"): PPO clips the ratio to [0.8, 1.2], CISPO to [0.0, 4.0]. Tinker documents no default for
-DRO's ``beta``, so here it is required rather than guessed.
+DRO's ``beta``, so here it is required rather than guessed. GSPO is the documented GSPO-token variant
+(the sequence ratio's value, each token's own gradient) with PPO's clip range, the ε = 0.2 the docs give
+for both. ``stable_reinforce`` is the tinker SDK's ``LossFnType`` of that name; Tinker publishes its
+inputs (``target_tokens``, ``logprobs``, ``advantages`` and provenance naming sequences sampled with
+``record_stability_info=True``) but not its objective, which uses information only the service records.
+The local engine checks the provenance as the service would and trains with the importance-sampling
+REINFORCE objective, ``q`` taken from what its own sampler recorded for those tokens: on the local
+engine sampler and trainer share weights and numerics, so the ratio is 1 up to float error and the
+gradient is REINFORCE's ``-A * grad(logprob)``, which any REINFORCE variant reduces to on-policy.
 """
 
 from __future__ import annotations
@@ -52,6 +60,10 @@ class LossFn:
     """Accepted ``loss_fn_config`` keys and their defaults; ``None`` marks a required key."""
     check: Callable[[Config], None] | None = None
     """Relations between config values (e.g. low <= high), raising ``ValueError``."""
+    check_inputs: Callable[[Inputs], str | None] | None = None
+    """A datum's inputs checked before any work: the problem, or ``None`` when they are fine."""
+    needs_provenance: bool = False
+    """Datums must carry ``loss_fn_input_spans`` naming sequences recorded at sampling time."""
 
     def check_config(self, config: LossConfig | None) -> dict[str, float]:
         """The full config, defaults filled in, or one ``ValueError`` naming what is wrong."""
@@ -130,6 +142,23 @@ def _dro(lp: torch.Tensor, inp: Inputs, config: Config) -> torch.Tensor:
     return -(lp * inp["advantages"] - 0.5 * config["beta"] * (lp - inp["logprobs"]) ** 2)
 
 
+def _gspo(lp: torch.Tensor, inp: Inputs, config: Config) -> torch.Tensor:
+    """GSPO-token: every token carries the sequence ratio (geometric mean of the per-token ratios over the
+    tokens ``sequence_ratio_mask`` marks) as its value, and its own logprob's gradient."""
+    in_ratio = inp["sequence_ratio_mask"] != 0
+    log_ratio = (lp.detach() - inp["logprobs"])[in_ratio].mean()
+    ratio = torch.exp(log_ratio + lp - lp.detach())
+    clipped = torch.clamp(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
+    advantages = inp["advantages"]
+    return -torch.minimum(ratio * advantages, clipped * advantages)
+
+
+def _some_ratio_token(inp: Inputs) -> str | None:
+    if not bool((inp["sequence_ratio_mask"] != 0).any()):
+        return "sequence_ratio_mask marks no token, so the sequence ratio is undefined"
+    return None
+
+
 def _check_clip(config: Config) -> None:
     low, high = config["clip_low_threshold"], config["clip_high_threshold"]
     if not 0 <= low <= high:
@@ -165,6 +194,15 @@ LOSS_FNS: dict[str, LossFn] = {
             check=_check_clip,
         ),
         LossFn("dro", _RL_INPUTS, _summed(_dro), config={"beta": None}, check=_check_beta),
+        LossFn(
+            "gspo",
+            (*_RL_INPUTS, "sequence_ratio_mask"),
+            _summed(_gspo),
+            config={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+            check=_check_clip,
+            check_inputs=_some_ratio_token,
+        ),
+        LossFn("stable_reinforce", _RL_INPUTS, _summed(_importance_sampling), needs_provenance=True),
     )
 }
 

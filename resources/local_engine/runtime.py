@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from resources.local_engine.stability import SequenceRecord
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -23,6 +25,8 @@ class EngineRuntime:
     dtype: torch.dtype
     max_sampling_batch: int
     max_batch_tokens: int
+    recorded: SequenceRecord = field(default_factory=SequenceRecord, compare=False, repr=False)
+    """Sequences sampled with ``record_stability_info=True`` (what ``stable_reinforce`` checks against)."""
 
 
 def resolve_device(device: str) -> torch.device:

@@ -18,7 +18,7 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tinker import types
 
+from resources.futures import EngineFuture
 from resources.local_engine.checkpoints import read_sampler
 from resources.local_engine.generation import RowParams, RowResult, check_sampling_params, generate, stop_rule
 from resources.local_engine.overlay import LoraOverlay, applied, check_fits, load_adapter
@@ -43,15 +44,20 @@ from resources.local_engine.uris import path_from_uri
 
 @dataclass
 class _Request:
-    future: Future[Any]
+    future: EngineFuture[Any]
     prompt: list[int]
     rows: list[RowParams]
     """Empty for a scoring-only request (``compute_logprobs``)."""
     score_prompt: bool
+    last_n: int | None = None
+    """Only the last N prompt logprobs are reported (``prompt_logprobs_last_n``); earlier are None."""
 
 
 class LocalSamplingClient:
-    """Samples from, and scores with, one fixed set of weights: a base model, plus ``overlay`` if given."""
+    """Samples from, and scores with, one fixed set of weights: a base model, plus ``overlay`` if given.
+
+    With ``record_stability_info`` every sequence it returns is recorded under its ``sequence_id`` for
+    ``stable_reinforce`` (``resources.local_engine.stability``)."""
 
     def __init__(
         self,
@@ -61,6 +67,8 @@ class LocalSamplingClient:
         *,
         label: str,
         overlay: LoraOverlay | None = None,
+        base_model: str | None = None,
+        record_stability_info: bool = False,
     ) -> None:
         if overlay is not None:
             check_fits(model, overlay)
@@ -69,6 +77,8 @@ class LocalSamplingClient:
         self._tokenizer = tokenizer
         self._runtime = runtime
         self.label = label
+        self._base_model = base_model or label
+        self._record = runtime.recorded if record_stability_info else None
         self._window = context_window(model)
         self._vocab = vocab_size(model)
         self._eos_ids = _eos_ids(model, tokenizer)
@@ -87,7 +97,21 @@ class LocalSamplingClient:
         num_samples: int,
         sampling_params: types.SamplingParams,
         include_prompt_logprobs: bool = False,
-    ) -> Future[types.SampleResponse]:
+        topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
+        target_prompt_logprobs: types.TensorData | None = None,
+        prompt_alt_tokens_k: int = 0,
+        prompt_logprobs_last_n: int | None = None,
+    ) -> EngineFuture[types.SampleResponse]:
+        unsupported = {
+            "topk_prompt_logprobs": topk_prompt_logprobs != 0,
+            "topk_sample_logprobs": topk_sample_logprobs != 0,
+            "target_prompt_logprobs": target_prompt_logprobs is not None,
+            "prompt_alt_tokens_k": prompt_alt_tokens_k != 0,
+        }
+        if any(unsupported.values()):
+            asked = [name for name, used in unsupported.items() if used]
+            raise ValueError(f"sample({', '.join(asked)}=...) is not supported by the local engine")
         tokens = self._prompt_tokens(prompt)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -107,21 +131,47 @@ class LocalSamplingClient:
             )
             for index in range(num_samples)
         ]
-        return self._submit(_Request(Future(), tokens, rows, score_prompt=include_prompt_logprobs))
+        last_n = _check_last_n(prompt_logprobs_last_n, len(tokens))
+        return self._submit(
+            _Request(EngineFuture(), tokens, rows, score_prompt=include_prompt_logprobs, last_n=last_n)
+        )
 
-    def compute_logprobs(self, prompt: types.ModelInput) -> Future[list[float | None]]:
-        """``[None, log p(t1 | t0), log p(t2 | t0 t1), ...]``: the first token has no context."""
+    def compute_logprobs(
+        self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
+    ) -> EngineFuture[list[float | None]]:
+        """``[None, log p(t1 | t0), log p(t2 | t0 t1), ...]``: the first token has no context. With
+        ``prompt_logprobs_last_n`` only the last N are scored, the others ``None`` (as the SDK does)."""
         tokens = self._prompt_tokens(prompt)
         if self._window is not None and len(tokens) > self._window:
             raise ValueError(f"prompt has {len(tokens)} tokens; the model's context window is {self._window}")
-        return self._submit(_Request(Future(), tokens, [], score_prompt=True))
+        last_n = _check_last_n(prompt_logprobs_last_n, len(tokens))
+        return self._submit(_Request(EngineFuture(), tokens, [], score_prompt=True, last_n=last_n))
 
     def get_tokenizer(self) -> Any:
         return self._tokenizer
 
+    def get_base_model(self) -> str:
+        """The base model's directory (the SDK returns the base model's name)."""
+        return self._base_model
+
+    async def sample_async(
+        self,
+        prompt: types.ModelInput,
+        num_samples: int,
+        sampling_params: types.SamplingParams,
+        include_prompt_logprobs: bool = False,
+    ) -> types.SampleResponse:
+        """The SDK's deprecated async variant: ``await client.sample(...)`` is the same."""
+        return await self.sample(prompt, num_samples, sampling_params, include_prompt_logprobs)
+
+    async def compute_logprobs_async(
+        self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
+    ) -> list[float | None]:
+        return await self.compute_logprobs(prompt, prompt_logprobs_last_n)
+
     # -- worker side -------------------------------------------------------------------------------
 
-    def _submit(self, request: _Request) -> Future[Any]:
+    def _submit(self, request: _Request) -> EngineFuture[Any]:
         with self._lock:
             self._queue.append(request)
         self._executor.submit(self._drain)
@@ -146,7 +196,7 @@ class LocalSamplingClient:
     def _serve(self, requests: list[_Request]) -> None:
         prompt_logprobs = self._score([r.prompt for r in requests if r.score_prompt])
         scored = iter(prompt_logprobs)
-        by_request = {id(r): next(scored) for r in requests if r.score_prompt}
+        by_request = {id(r): _last(next(scored), r.last_n) for r in requests if r.score_prompt}
         for request in requests:
             if not request.rows:
                 request.future.set_result(by_request[id(request)])
@@ -175,10 +225,13 @@ class LocalSamplingClient:
         sequences = []
         for result in results:
             assert result.stop_reason is not None
+            sequence_id = f"{self._id_prefix}-{next(self._sequence_ids)}"
+            if self._record is not None:
+                self._record.add(sequence_id, result.tokens, result.logprobs)
             sequences.append(
                 types.SampledSequence(
                     stop_reason=result.stop_reason,
-                    sequence_id=f"{self._id_prefix}-{next(self._sequence_ids)}",
+                    sequence_id=sequence_id,
                     _tokens_list=result.tokens,
                     _logprobs_list=result.logprobs,
                 )
@@ -233,6 +286,23 @@ class LocalSamplingClient:
         return requested
 
 
+def _check_last_n(last_n: int | None, prompt_length: int) -> int | None:
+    if last_n is None:
+        return None
+    if isinstance(last_n, bool) or not isinstance(last_n, int) or not 1 <= last_n <= prompt_length - 1:
+        raise ValueError(
+            f"prompt_logprobs_last_n must be between 1 and len(prompt) - 1 = {prompt_length - 1}, "
+            f"got {last_n!r}"
+        )
+    return last_n
+
+
+def _last(logprobs: list[float | None], last_n: int | None) -> list[float | None]:
+    if last_n is None:
+        return logprobs
+    return [None] * (len(logprobs) - last_n) + logprobs[-last_n:]
+
+
 def _row_seed(seed: int, index: int) -> int:
     """Distinct, reproducible generator seeds for the samples of one request."""
     return int(np.random.SeedSequence([seed % (1 << 63), index]).generate_state(1, dtype=np.uint64)[0])
@@ -261,7 +331,11 @@ def _pad_id(tokenizer: Any, eos_ids: frozenset[int]) -> int:
 
 
 def open_sampling_client(
-    runtime: EngineRuntime, *, model_path: str | None = None, base_model: str | None = None
+    runtime: EngineRuntime,
+    *,
+    model_path: str | None = None,
+    base_model: str | None = None,
+    record_stability_info: bool = False,
 ) -> LocalSamplingClient:
     """A sampling client on a base model, or on a sampler checkpoint's adapter over its base.
 
@@ -274,7 +348,13 @@ def open_sampling_client(
         assert base_model is not None
         base_path = check_model_dir(base_model)
         model = shared_base_model(base_path, runtime.device, runtime.dtype)
-        return LocalSamplingClient(model, load_tokenizer(base_path), runtime, label=str(base_path))
+        return LocalSamplingClient(
+            model,
+            load_tokenizer(base_path),
+            runtime,
+            label=str(base_path),
+            record_stability_info=record_stability_info,
+        )
 
     directory = path_from_uri(model_path)
     info = read_sampler(directory)
@@ -283,4 +363,12 @@ def open_sampling_client(
         raise ValueError(f"sampler {model_path} was trained on {base_path}, not {base_model}")
     model = shared_base_model(base_path, runtime.device, runtime.dtype)
     overlay = load_adapter(directory, runtime.device)
-    return LocalSamplingClient(model, load_tokenizer(base_path), runtime, label=model_path, overlay=overlay)
+    return LocalSamplingClient(
+        model,
+        load_tokenizer(base_path),
+        runtime,
+        label=model_path,
+        overlay=overlay,
+        base_model=str(base_path),
+        record_stability_info=record_stability_info,
+    )

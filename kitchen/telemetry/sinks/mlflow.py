@@ -62,23 +62,32 @@ def experiment_name() -> str:
 
 
 def mlflow_client(uri: str | None = None) -> MlflowClient:
-    """One client per tracking URI (creating the SQLite schema costs a second or two)."""
-    from mlflow.tracking import MlflowClient
+    """One client per tracking URI (creating the SQLite schema costs a second or two, and is done by
+    one process at a time: ``kitchen.registry.store.open_client``)."""
+    from kitchen.registry.store import open_client
 
     uri = uri or tracking_uri()
     with _lock:
         if uri not in _clients:
-            _clients[uri] = MlflowClient(tracking_uri=uri)
+            _clients[uri] = open_client(uri)
         return _clients[uri]
 
 
 def _experiment_id(client: MlflowClient) -> str:
+    from mlflow.exceptions import MlflowException
+
     name = experiment_name()
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return str(experiment.experiment_id)
     artifacts = (kitchen_home() / "mlruns").resolve()
-    return str(client.create_experiment(name, artifact_location=artifacts.as_uri()))
+    try:
+        return str(client.create_experiment(name, artifact_location=artifacts.as_uri()))
+    except MlflowException:
+        found = client.get_experiment_by_name(name)  # another process created it first
+        if found is None:
+            raise
+        return str(found.experiment_id)
 
 
 def find_mlflow_run(dagster_run_id: str) -> str | None:

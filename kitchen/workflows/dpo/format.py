@@ -24,19 +24,13 @@ A row that cannot be a pair is skipped and counted by reason: a side missing (``
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from datasets import Features, List, Value
 
 from kitchen.data.formats import TEST_SPLIT_NAMES, RowFormat
-from kitchen.data.schemas import (
-    NormalizedRow,
-    NormalizeResult,
-    RowSkipped,
-    SchemaError,
-    normalize_row,
-)
+from kitchen.data.schemas import NormalizedRow, RowSkipped, describe_schemas, normalize_row
 
 Message = dict[str, str]
 
@@ -62,35 +56,12 @@ _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 _TRANSCRIPT_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
-def describe_schemas() -> str:
-    return "; ".join(f"{name} ({', '.join(cols)})" for name, cols in PREFERENCE_SCHEMAS.items())
-
-
-def detect_preference_schema(columns: Iterable[str]) -> str:
-    present = set(columns)
-    for name, required in PREFERENCE_SCHEMAS.items():
-        if present.issuperset(required):
-            return name
-    raise SchemaError(
-        f"No preference schema in columns {sorted(present)}. Accepted: {describe_schemas()} "
-        "(hh-rlhf transcripts, UltraFeedback-binarized message lists, or plain strings)."
-    )
-
-
-def normalize_preferences(rows: Iterable[Mapping[str, Any]], schema: str) -> NormalizeResult:
-    result = NormalizeResult(rows=[])
-    for row in rows:
-        try:
-            result.rows.append(normalize_preference(row, schema))
-        except RowSkipped as skip:
-            result.skipped[skip.reason] += 1
-    return result
-
-
 def normalize_preference(row: Mapping[str, Any], schema: str) -> NormalizedRow:
     """One source row as ``{"prompt", "chosen", "rejected", "answer"}``; ``RowSkipped`` if it is no pair."""
     if schema not in PREFERENCE_SCHEMAS:
-        raise ValueError(f"unknown preference schema {schema!r}; accepted: {describe_schemas()}")
+        raise ValueError(
+            f"unknown preference schema {schema!r}; accepted: {describe_schemas(PREFERENCE_SCHEMAS)}"
+        )
     explicit = _prompt(row.get("prompt")) if schema == "prompt/chosen/rejected" else None
     chosen = _conversation(row.get("chosen"), explicit)
     rejected = _conversation(row.get("rejected"), explicit)
@@ -239,8 +210,8 @@ def _preview(row: Mapping[str, Any]) -> dict[str, str]:
 #: Preference pairs; UltraFeedback-binarized's ``train_prefs``/``test_prefs`` splits are found by name.
 PREFERENCE = RowFormat(
     name="preference",
-    detect=detect_preference_schema,
-    normalize=normalize_preferences,
+    schemas=PREFERENCE_SCHEMAS,
+    normalize_row=normalize_preference,
     features=PREFERENCE_FEATURES,
     preview=_preview,
     train_splits=("train_prefs", "train"),
