@@ -51,6 +51,7 @@ bench: setup
 	$(BIN)/python bench/training_throughput.py
 	$(BIN)/python bench/pipelining.py
 	$(BIN)/python bench/sampling_snapshot.py
+	$(BIN)/python bench/serve_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -143,6 +143,30 @@ class RegisteredModelManifest(Manifest):
     gate_passed: bool
 
 
+class HubReleaseManifest(Manifest):
+    """A registered version published to the Hugging Face Hub (or why it was not)."""
+
+    model_uri: str = Field(description="models:/NAME/VERSION that was (or would have been) published")
+    published: bool = Field(description="False when skipped: not the champion, or already on the Hub.")
+    reason: str
+    repo_id: str
+    url: str | None = None
+    commit: str | None = None
+    kind: Literal["adapter", "merged"] = "adapter"
+
+
+class DeploymentManifest(Manifest):
+    """Which version a running ``kitchen serve`` serves, as the server itself reports it."""
+
+    url: str = Field(description="The server, credentials removed.")
+    served_ref: str = Field(description="What the server follows (NAME@champion) or serves (NAME/3).")
+    served_version: str = Field(description="NAME/VERSION the server answered with.")
+    model_uri: str = Field(description="models:/NAME/VERSION of the served version.")
+    registered_uri: str = Field(description="models:/NAME/VERSION the upstream registration produced.")
+    current: bool = Field(description="Whether the served version is the one just registered.")
+    reason: str
+
+
 def manifest_payload(manifest: Manifest) -> dict[str, object]:
     """The JSON form a manifest is stored in: its type name and its fields."""
     return {"type": type(manifest).__name__, "data": manifest.model_dump(mode="json")}

@@ -9,7 +9,9 @@ import dagster as dg
 from kitchen.workflows import Workflow
 from kitchen_assets.checks import eval_gate_check
 from kitchen_assets.common import base_model_asset, dataset_asset
+from kitchen_assets.deployment import DeploymentSettings, deployment_assets, deployment_settings
 from kitchen_assets.evaluation import eval_report_asset
+from kitchen_assets.hub_release import HubReleaseSettings, hub_release_assets, hub_release_settings
 from kitchen_assets.registry import registered_model_asset
 from kitchen_assets.training import training_asset
 
@@ -31,15 +33,22 @@ def own_assets(workflow: Workflow) -> list[dg.AssetsDefinition]:
     return built
 
 
-_BUILT: dict[int, list[AssetLike]] = {}
+_BUILT: dict[tuple[int, HubReleaseSettings | None, DeploymentSettings | None], list[AssetLike]] = {}
 
 
 def workflow_assets(workflow: Workflow) -> list[AssetLike]:
-    """Built once per workflow object: every ``Definitions`` (local or Tinker backend) shares them, since
-    only the resources differ."""
-    built = _BUILT.get(id(workflow))
+    """Built once per workflow object (and optional-asset settings): every ``Definitions`` (local or
+    Tinker backend) shares them, since only the resources differ."""
+    release = hub_release_settings(workflow)  # off unless the environment names a Hub repo
+    deployment = deployment_settings(workflow)  # off unless the environment names a kitchen serve
+    key = (id(workflow), release, deployment)
+    built = _BUILT.get(key)
     if built is None:
-        built = _BUILT[id(workflow)] = _build(workflow)
+        built = _BUILT[key] = [
+            *_build(workflow),
+            *hub_release_assets(workflow, release),
+            *deployment_assets(workflow, deployment),
+        ]
     return built
 
 

@@ -4,6 +4,7 @@
     kitchen run --help                      # the workflows
     kitchen run dpo --help                  # one workflow's flags (generated from its run config)
     kitchen models list
+    kitchen serve models:/NAME@champion      # an OpenAI-compatible endpoint on 127.0.0.1:8000
 
 Runs are recorded in the persistent Dagster instance at ``$DAGSTER_HOME`` (default
 ``$KITCHEN_HOME/dagster``), so ``dagster dev -w workspace.yaml`` with the same ``DAGSTER_HOME`` shows them.
@@ -60,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     from kitchen.cli.models import add_models_parser
 
     add_models_parser(sub)
+    from kitchen.cli.serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -73,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kitchen.cli.models import models_command
 
         return models_command(args)
+    if args.command == "serve":
+        from kitchen.cli.serve import serve_command
+
+        return serve_command(args)
     return 2
 
 

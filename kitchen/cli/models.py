@@ -3,6 +3,8 @@
     kitchen models list
     kitchen models show NAME[@alias|/version]
     kitchen models sample NAME@champion "What is 2 + 3?"
+    kitchen models export NAME@champion DIR [--merged]        (kitchen/cli/publish.py)
+    kitchen models push NAME@champion --repo ORG/NAME [--private] [--merged]
 
 The store is ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the SQLite store under the Kitchen home
 (the same one ``kitchen run`` registers into).
@@ -16,7 +18,9 @@ import math
 import sys
 from datetime import UTC, datetime
 
+from kitchen.cli.publish import add_publish_parsers, export_command, push_command
 from kitchen.manifests import Manifest, RegisteredModelManifest
+from kitchen.publish.base import PublishError
 from kitchen.registry.names import ModelRef, parse_model_ref
 from kitchen.registry.store import ModelRegistry, RegistryError, default_tracking_uri, is_remote
 
@@ -31,11 +35,14 @@ _LINEAGE = (
     ("training", ("kitchen.training.steps", "kitchen.training.final_loss")),
     ("code", ("kitchen.code.version", "kitchen.code.git_commit")),
     ("dagster run", ("dagster.run_id", "dagster.run_url")),
+    ("hugging face hub", ("kitchen.hub.url", "kitchen.hub.kind", "kitchen.hub.commit")),
 )
 
 
 def add_models_parser(sub: argparse._SubParsersAction) -> None:
-    models = sub.add_parser("models", help="list, show and sample registered models (MLflow registry)")
+    models = sub.add_parser(
+        "models", help="list, show, sample, export and push registered models (MLflow registry)"
+    )
     models.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else the Kitchen home's store)",
@@ -49,6 +56,7 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     sample.add_argument("prompt", help="a user message")
     sample.add_argument("--max-tokens", type=int, default=32, help="new tokens to generate (default 32)")
     sample.add_argument("--backend", choices=("local", "tinker"), help="default: the backend that trained it")
+    add_publish_parsers(verbs)
 
 
 def models_command(args: argparse.Namespace) -> int:
@@ -56,11 +64,14 @@ def models_command(args: argparse.Namespace) -> int:
     try:
         if args.models_command == "list":
             return _list(registry)
+        if args.models_command in ("export", "push"):
+            run = export_command if args.models_command == "export" else push_command
+            return run(registry, args)
         ref = parse_model_ref(args.ref)
         if args.models_command == "show":
             return _show(registry, ref)
         return _sample(registry, ref, args.prompt, args.max_tokens, args.backend)
-    except (RegistryError, ValueError) as err:
+    except (RegistryError, PublishError, ValueError) as err:
         print(f"kitchen: {err}", file=sys.stderr)
         return 1
 

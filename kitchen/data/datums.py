@@ -200,8 +200,13 @@ def prompt_and_answer(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase
         raise ValueError("row has no assistant message to take a reference answer from")
     prompt_messages = messages[:last]
     answer = row.get("answer") or messages[last]["content"]
-    tokens = _encode(tokenizer, _chat_text(tokenizer, prompt_messages, gen=True))
-    return PromptAndAnswer(tokens, str(answer), prompt_messages)
+    return PromptAndAnswer(generation_prompt(prompt_messages, tokenizer), str(answer), prompt_messages)
+
+
+def generation_prompt(messages: Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens a model continues to answer ``messages``: the conversation through the tokenizer's chat
+    template plus the assistant header, rendered exactly as training and evaluation render it."""
+    return _encode(tokenizer, _chat_text(tokenizer, messages, gen=True))
 
 
 # -- whole datasets -------------------------------------------------------------------------------

@@ -18,16 +18,17 @@ to ``kitchen.contract``, so it runs unchanged on the local engine and on Tinker.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 from tinker import types
 
@@ -163,25 +164,6 @@ class _InFlight:
         return [f for f in (self.forward_backward, self.optim, self.save) if f is not None]
 
 
-def run_training(
-    service: ServiceClient,
-    spec: TrainingSpec,
-    plan: TrainingPlan,
-    run_dir: Path,
-    *,
-    key: str,
-    observer: TrainingObserver | None = None,
-    resume: bool = True,
-) -> TrainingResult:
-    """Train ``plan.total_steps`` steps, checkpointing into ``run_dir`` and resuming a run with ``key``.
-
-    One run at a time per ``run_dir``: a second run with the same inputs started meanwhile fails at once
-    (``RunDirInUseError``) instead of interleaving its ledger with the first's.
-    """
-    with _claim(run_dir):
-        return _run_training(service, spec, plan, run_dir, key=key, observer=observer, resume=resume)
-
-
 class RunDirInUseError(RuntimeError):
     """Another process is training in the same run directory (the same inputs)."""
 
@@ -199,7 +181,24 @@ def _claim(run_dir: Path) -> Iterator[None]:
         yield
 
 
-def _run_training(
+_Train = TypeVar("_Train", bound=Callable[..., "TrainingResult"])
+
+
+def _one_run_per_dir(train: _Train) -> _Train:
+    """Hold the run directory's claim for the whole of ``train``, released however the process ends."""
+
+    @functools.wraps(train)
+    def claimed(
+        service: ServiceClient, spec: TrainingSpec, plan: TrainingPlan, run_dir: Path, **kw: Any
+    ) -> Any:
+        with _claim(run_dir):
+            return train(service, spec, plan, run_dir, **kw)
+
+    return cast(_Train, claimed)
+
+
+@_one_run_per_dir
+def run_training(
     service: ServiceClient,
     spec: TrainingSpec,
     plan: TrainingPlan,
@@ -209,6 +208,11 @@ def _run_training(
     observer: TrainingObserver | None = None,
     resume: bool = True,
 ) -> TrainingResult:
+    """Train ``plan.total_steps`` steps, checkpointing into ``run_dir`` and resuming a run with ``key``.
+
+    One run at a time per ``run_dir``: a second run with the same inputs started meanwhile fails at once
+    (``RunDirInUseError``) instead of interleaving its ledger with the first's.
+    """
     if plan.total_steps < 1:
         raise ValueError(f"the plan has {plan.total_steps} steps; there is nothing to train")
     if spec.max_in_flight < 1:

@@ -1,0 +1,327 @@
+"""The serving app in-process on the tiny model's base weights: wire format, stops, limits, batching.
+
+``tests/test_serve.py`` runs ``kitchen serve`` itself on a registered version with the ``openai`` client;
+this module covers what is quicker to check without a subprocess. Expected texts come from the local
+engine's sampler called directly with the chat template applied by the tokenizer, not through the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from tinker import types
+
+from kitchen.serve import Batcher, ModelSource, ServeSettings, create_app
+from kitchen.serve.feedback import FeedbackStore
+from resources.local_engine import LocalSamplingClient, LocalServiceClient
+
+KEY = "serve-test-key-0123456789"
+QUESTION = [{"role": "user", "content": "What is 17 + 25?"}]
+
+
+class BaseLocator:
+    """The tiny model's base weights as the served model (no registry needed here)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.name = "tiny"
+        self._dir = str(model_dir)
+
+    def current_version(self) -> str:
+        return "tiny"
+
+    def sampler_path(self, version: str) -> str:
+        return self._dir
+
+
+@pytest.fixture(scope="module")
+def service() -> LocalServiceClient:
+    return LocalServiceClient(num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def sampler(service: LocalServiceClient, tiny_model_dir: Path) -> LocalSamplingClient:
+    client = service.create_sampling_client(base_model=str(tiny_model_dir)).result()
+    assert isinstance(client, LocalSamplingClient)
+    return client
+
+
+@pytest.fixture
+def feedback_db(tmp_path: Path) -> Path:
+    return tmp_path / "feedback.db"
+
+
+@pytest.fixture
+def http(service: LocalServiceClient, tiny_model_dir: Path, feedback_db: Path) -> Iterator[TestClient]:
+    source = ModelSource(
+        BaseLocator(tiny_model_dir),
+        lambda path: service.create_sampling_client(base_model=path).result(),
+        poll_s=None,
+    )
+    settings = ServeSettings(api_key=KEY, max_tokens_limit=32, max_request_bytes=4096, max_n=4)
+    app = create_app(source, settings, FeedbackStore(feedback_db))
+    with TestClient(app, headers={"Authorization": f"Bearer {KEY}"}) as client:
+        yield client
+
+
+def expected(
+    sampler: LocalSamplingClient, messages: list[dict[str, str]], **params: Any
+) -> tuple[list[types.SampledSequence], int]:
+    """Sequences the sampler gives for ``messages`` rendered by the tokenizer's chat template."""
+    tokenizer = sampler.get_tokenizer()
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = params.pop("n", 1)
+    sampling = types.SamplingParams(stop=[tokenizer.eos_token], **params)
+    return sampler.sample(types.ModelInput.from_ints(ids), n, sampling).result().sequences, len(ids)
+
+
+def decode(sampler: LocalSamplingClient, sequence: types.SampledSequence) -> str:
+    return str(sampler.get_tokenizer().decode(sequence.tokens, skip_special_tokens=True))
+
+
+def chat(http: TestClient, **body: Any) -> Any:
+    return http.post("/v1/chat/completions", json={"model": "tiny", "messages": QUESTION, **body})
+
+
+def test_greedy_completion_matches_the_sampler(http: TestClient, sampler: LocalSamplingClient) -> None:
+    sequences, prompt_tokens = expected(sampler, QUESTION, max_tokens=16, temperature=0.0)
+    response = chat(http, max_tokens=16, temperature=0)
+    assert response.status_code == 200
+    assert response.headers["x-kitchen-model-version"] == "tiny"
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["model"] == "tiny"
+    [choice] = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": decode(sampler, sequences[0])}
+    assert choice["finish_reason"] == ("stop" if sequences[0].stop_reason == "stop" else "length")
+    tokens = len(sequences[0].tokens)
+    assert body["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": tokens,
+        "total_tokens": prompt_tokens + tokens,
+    }
+
+
+def test_seeded_samples_and_stop_sequences(http: TestClient, sampler: LocalSamplingClient) -> None:
+    sequences, _ = expected(sampler, QUESTION, max_tokens=12, temperature=1.0, top_p=0.9, seed=7, n=3)
+    body = chat(http, max_tokens=12, temperature=1.0, top_p=0.9, seed=7, n=3).json()
+    assert [c["message"]["content"] for c in body["choices"]] == [decode(sampler, s) for s in sequences]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+
+    # A stop sequence from the middle of a seeded answer: the same answer ends just before it.
+    full = decode(sampler, expected(sampler, QUESTION, max_tokens=24, temperature=1.0, seed=3)[0][0])
+    cut = next(
+        i
+        for i in range(2, len(full) - 2)
+        if full[i : i + 2].isascii() and full[i : i + 2].isalnum() and full.find(full[i : i + 2]) == i
+    )
+    body = chat(http, max_tokens=24, temperature=1.0, seed=3, stop=["\x00never", full[cut : cut + 2]]).json()
+    assert body["choices"][0]["message"]["content"] == full[:cut]
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_streaming_sends_the_same_answer_as_sse(http: TestClient, sampler: LocalSamplingClient) -> None:
+    sequences, prompt_tokens = expected(sampler, QUESTION, max_tokens=10, temperature=0.0)
+    body = {"max_tokens": 10, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    request = {"model": "tiny", "messages": QUESTION, **body}
+    with http.stream("POST", "/v1/chat/completions", json=request) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "tiny" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == decode(sampler, sequences[0])
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == prompt_tokens
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "other"}, 404, "model"),
+        ({"max_tokens": 33}, 400, "max_tokens"),
+        ({"max_completion_tokens": 100}, 400, "max_completion_tokens"),
+        ({"messages": []}, 400, "messages"),
+        ({"temperature": 2.5}, 400, "temperature"),
+        ({"n": 5}, 400, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
+    ],
+)
+def test_bad_requests_get_openai_errors(
+    http: TestClient, body: dict[str, Any], status: int, param: str
+) -> None:
+    response = http.post("/v1/chat/completions", json={"model": "tiny", "messages": QUESTION, **body})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+def test_malformed_oversized_and_unauthorised(http: TestClient) -> None:
+    bad = http.post("/v1/chat/completions", content=b'{"model": "tiny", "messages": [', headers=_json())
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+    big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 5000}]}
+    huge = http.post("/v1/chat/completions", json=big)
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+    for headers in ({"Authorization": "Bearer wrong-key"}, {"Authorization": ""}):
+        for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models")):
+            denied = http.request(method, path, json={"model": "tiny", "messages": QUESTION}, headers=headers)
+            assert denied.status_code == 401, (headers, path)
+            assert denied.json()["error"]["code"] == "invalid_api_key"
+            assert KEY not in denied.text and "wrong-key" not in denied.text
+    assert http.get("/health").json()["version"] == "tiny"  # health needs no key
+    assert http.get("/nowhere").json()["error"]["type"] == "not_found"
+    models = http.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
+
+
+def _json() -> dict[str, str]:
+    return {"Content-Type": "application/json"}
+
+
+def test_concurrent_requests_are_generated_together(sampler: LocalSamplingClient) -> None:
+    """Eight requests arriving together reach the engine as one submission and one generation batch,
+    and each still gets exactly what it would have got alone."""
+    tokenizer = sampler.get_tokenizer()
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"What is {i} + {i}?"}], tokenize=False, add_generation_prompt=True
+        )
+        for i in range(8)
+    ]
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    params = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[tokenizer.eos_token])
+    alone = [sampler.sample(types.ModelInput.from_ints(p), 1, params).result() for p in prompts]
+    before = len(sampler.batch_sizes)
+
+    async def together() -> list[types.SampleResponse]:
+        batcher = Batcher(window_s=0.05)
+        batcher.start()
+        try:
+            return await asyncio.gather(
+                *(batcher.sample(sampler, types.ModelInput.from_ints(p), 1, params) for p in prompts)
+            )
+        finally:
+            assert batcher.stats.submissions == 1 and batcher.stats.largest == 8
+            await batcher.stop()
+
+    batched = asyncio.run(together())
+    assert [r.sequences[0].tokens for r in batched] == [r.sequences[0].tokens for r in alone]
+    assert max(sampler.batch_sizes[before:]) > 1  # the engine generated several requests as one batch
+
+
+def test_deployment_asset_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The optional ``deployment`` asset is off without a server named; bad values name the variable."""
+    from kitchen.workflows import get_workflow
+    from kitchen_assets.deployment import deployment_settings
+
+    supervised = get_workflow("supervised")
+    for name in ("KITCHEN_DEPLOYMENT_URL", "KITCHEN_SUPERVISED_DEPLOYMENT_URL", "KITCHEN_DEPLOYMENT_WAIT_S"):
+        monkeypatch.delenv(name, raising=False)
+    assert deployment_settings(supervised) is None
+    monkeypatch.setenv("KITCHEN_DEPLOYMENT_URL", "http://127.0.0.1:8000/{workflow}/")
+    settings = deployment_settings(supervised)
+    assert settings is not None and settings.wait_s == 30
+    assert settings.url == "http://127.0.0.1:8000/supervised"
+    monkeypatch.setenv("KITCHEN_SUPERVISED_DEPLOYMENT_URL", "127.0.0.1:8000")
+    with pytest.raises(ValueError, match=re.escape("KITCHEN_SUPERVISED_DEPLOYMENT_URL='127.0.0.1:8000'")):
+        deployment_settings(supervised)
+    monkeypatch.delenv("KITCHEN_SUPERVISED_DEPLOYMENT_URL")
+    monkeypatch.setenv("KITCHEN_DEPLOYMENT_WAIT_S", "soon")
+    with pytest.raises(ValueError, match="KITCHEN_DEPLOYMENT_WAIT_S='soon'"):
+        deployment_settings(supervised)
+
+
+def test_feedback_is_kept_with_the_prompt_reply_and_version(http: TestClient, feedback_db: Path) -> None:
+    body = chat(http, max_tokens=8, temperature=1.0, seed=1, n=2).json()
+    cid, replies = body["id"], [c["message"]["content"] for c in body["choices"]]
+    down = http.post("/v1/feedback", json={"completion_id": cid, "rating": "down", "correction": "42"})
+    assert down.status_code == 200, down.text
+    receipt = down.json()
+    assert receipt["object"] == "feedback" and receipt["completion_id"] == cid and receipt["model"] == "tiny"
+    scored = http.post("/v1/feedback", json={"completion_id": cid, "choice_index": 1, "score": 0.5})
+    assert scored.status_code == 200
+    request = {"model": "tiny", "messages": QUESTION, "max_tokens": 4, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=request) as streamed:
+        events = [line[6:] for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    first = json.loads(events[0])
+    up = http.post("/v1/feedback", json={"completion_id": first["id"], "rating": "up"})
+    assert up.status_code == 200  # streamed completions are kept too
+
+    # Refused feedback gets the matching 4xx and stores nothing.
+    refused = [
+        ({"completion_id": "chatcmpl-unknown", "rating": "up"}, 404, "completion_not_found"),
+        ({"completion_id": cid, "choice_index": 2, "rating": "up"}, 404, "completion_not_found"),
+        ({"completion_id": cid}, 400, "invalid_value"),
+        ({"completion_id": cid, "rating": "meh"}, 400, "invalid_value"),
+        ({"completion_id": cid, "rating": "up", "comment": "?"}, 400, "invalid_value"),
+    ]
+    for payload, status, code in refused:
+        response = http.post("/v1/feedback", json=payload)
+        assert response.status_code == status and response.json()["error"]["code"] == code, payload
+    denied = http.post(
+        "/v1/feedback", json={"completion_id": cid, "rating": "up"}, headers={"Authorization": ""}
+    )
+    assert denied.status_code == 401
+    # A refused completion request is not kept either.
+    kept = FeedbackStore(feedback_db).completion_count()
+    assert chat(http, max_tokens=999).status_code == 400
+    assert FeedbackStore(feedback_db).completion_count() == kept == 2
+
+    stored = FeedbackStore(feedback_db).feedback()  # a fresh store on the same file: it is durable
+    assert [(f.completion_id, f.choice_index, f.rating, f.score, f.correction) for f in stored] == [
+        (cid, 0, "down", None, "42"),
+        (cid, 1, None, 0.5, None),
+        (first["id"], 0, "up", None, None),
+    ]
+    assert [f.reply for f in stored[:2]] == replies
+    assert all(f.messages == QUESTION and f.model_version == "tiny" for f in stored)
+    assert [f.seq for f in FeedbackStore(feedback_db).feedback(after_seq=stored[1].seq)] == [stored[2].seq]
+
+
+def test_a_failing_registry_check_keeps_the_served_version(sampler: LocalSamplingClient) -> None:
+    """The source swaps versions only on a successful check; a failing one is recorded, not fatal."""
+
+    class MovingLocator:
+        name = "m@champion"
+
+        def __init__(self) -> None:
+            self.answers: list[str | Exception] = ["m/1", RuntimeError("registry down"), "m/2"]
+            self.opened: list[str] = []
+
+        def current_version(self) -> str:
+            answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        def sampler_path(self, version: str) -> str:
+            return f"path-of-{version}"
+
+    locator = MovingLocator()
+
+    def open_sampler(path: str) -> LocalSamplingClient:
+        locator.opened.append(path)
+        return sampler
+
+    source = ModelSource(locator, open_sampler, poll_s=None)
+    assert source.load().version == "m/1"
+    assert source.refresh() is False and source.served.version == "m/1"
+    assert source.last_error == "RuntimeError: registry down"
+    assert source.refresh() is True and source.served.version == "m/2" and source.last_error is None
+    assert source.refresh() is False  # unchanged: nothing reopened
+    assert locator.opened == ["path-of-m/1", "path-of-m/2"]
