@@ -26,7 +26,7 @@ from kitchen.data.builtin import arithmetic, register_builtin
 from kitchen.data.schemas import NormalizedRow
 
 NAME = "kitchen/arithmetic-preferences"
-TRAIN_SIZE = 512
+TRAIN_SIZE = 256
 TEST_SIZE = 200
 
 #: What the generator writes: the ``prompt/chosen/rejected`` schema the preference format accepts.
