@@ -44,7 +44,7 @@ from kitchen.contract import (
     TrainingClient,
 )
 from kitchen.training.loop import TrainingSpec, run_training
-from kitchen.workflows.supervised.plan import SupervisedPlan
+from kitchen.training.supervised import SupervisedPlan
 from resources.futures import resolved
 
 T = TypeVar("T")

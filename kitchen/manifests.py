@@ -105,6 +105,17 @@ class WeightsManifest(Manifest):
     hyperparameters: dict[str, float | int | str] = Field(default_factory=dict)
 
 
+class RolloutsManifest(Manifest):
+    """What a policy sampled during training, one Parquet file per step (``kitchen.training.rollouts``'
+    ``RolloutLog``): prompts, completions, their scores and the sampler's logprobs."""
+
+    path: str = Field(description="Directory of step-NNNNNN.parquet files.")
+    steps: int
+    rows: int
+    columns: list[str]
+    content_hash: str
+
+
 class EvalManifest(Manifest):
     """Base vs trained metrics on the held-out split."""
 
@@ -141,6 +152,48 @@ class RegisteredModelManifest(Manifest):
     previous_champion: str | None
     previous_champion_value: float | None
     gate_passed: bool
+
+
+class NotUsedManifest(Manifest):
+    """An asset this run's configuration does not need (distillation's teacher samples in on-policy mode).
+
+    The asset graph is static, so the asset still materialises, at no cost, and says why it holds nothing.
+    """
+
+    reason: str
+
+
+class TeacherManifest(Manifest):
+    """The teacher a distillation run learns from, and how the run distils (its mode)."""
+
+    name: str = Field(description="The teacher as the user named it.")
+    model: BaseModelManifest = Field(description="The teacher resolved like a base model.")
+    content_hash: str = Field(description="The teacher's weights (a registered teacher: its adapter's hash).")
+    registered_version: str | None = Field(default=None, description="models:/NAME/VERSION, if registered.")
+    mode: Literal["on_policy", "off_policy"]
+    same_tokenizer: bool = Field(description="Teacher and student render and tokenize prompts identically.")
+    tokenizer_differences: list[str] = Field(default_factory=list)
+    teacher_tokenizer_hash: str
+    student_tokenizer_hash: str
+
+
+class TeacherSamplesManifest(Manifest):
+    """The teacher's completions for every training prompt, as chat rows (``save_to_disk``), and how they
+    were sampled: the rows SFT renders into datums in off-policy distillation."""
+
+    path: str
+    content_hash: str
+    teacher: str = Field(description="The teacher's name (a registered version when it has one).")
+    teacher_hash: str
+    prompts_hash: str = Field(description="Content hash of the prompts dataset the samples answer.")
+    sampling: dict[str, float | int | str] = Field(description="max_tokens, temperature, seed, samples.")
+    train_rows: int
+    test_rows: int = 0
+    prompts: int
+    dropped: dict[str, int] = Field(default_factory=dict)
+    truncated: int = Field(default=0, description="Samples cut at max_tokens (kept, counted).")
+    replies_ignored: int = Field(default=0, description="Prompts that came with a reply (not used).")
+    reused: bool = Field(default=False, description="Found from an earlier run with the same inputs.")
 
 
 class HubReleaseManifest(Manifest):

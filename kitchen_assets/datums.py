@@ -1,5 +1,9 @@
 """Chat rows rendered into tinker ``Datum``s (Parquet): SFT trains on them, and so does off-policy
-distillation on a teacher's samples. One factory, the source kind a parameter."""
+distillation on a teacher's samples. One factory, the source kind a parameter.
+
+A source that is not used in this run's mode (``NotUsedManifest``: the teacher samples of an on-policy
+distillation) passes through: no datums, the reason recorded.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,13 @@ from typing import Any
 import dagster as dg
 
 from kitchen.data import build_datums, load_saved_dataset, save_datums, tokenizer_fingerprint
-from kitchen.manifests import BaseModelManifest, DatasetManifest, DatumsManifest
+from kitchen.manifests import (
+    BaseModelManifest,
+    DatasetManifest,
+    Manifest,
+    NotUsedManifest,
+    TeacherSamplesManifest,
+)
 from kitchen.workflows import Workflow
 from kitchen_assets.common import load_tokenizer
 from kitchen_assets.factory import workflow_asset
@@ -29,8 +39,13 @@ def chat_datums_asset(
         description="Rows rendered through the chat template into tinker Datums (Parquet, one file a split).",
     )
     def datums(
-        context: dg.AssetExecutionContext, config: Any, base_model: BaseModelManifest, rows: DatasetManifest
-    ) -> DatumsManifest:
+        context: dg.AssetExecutionContext, config: Any, base_model: BaseModelManifest, rows: Manifest
+    ) -> Manifest:
+        if isinstance(rows, NotUsedManifest):
+            context.add_output_metadata({"not_used": rows.reason})
+            return rows
+        if not isinstance(rows, DatasetManifest | TeacherSamplesManifest):
+            raise TypeError(f"{source} holds {type(rows).__name__}, not chat rows")
         tokenizer = load_tokenizer(base_model)
         built = build_datums(
             load_saved_dataset(rows.path),

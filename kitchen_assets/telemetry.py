@@ -282,10 +282,11 @@ def emit_eval_complete(
     model: str, metrics: Mapping[str, float], *, tasks: list[str], examples: int
 ) -> TelemetryEvent:
     """``kitchen.eval.complete`` for one evaluated model: every metric it reports, plus the five the catalogue
-    requires under their catalogue names (``accuracy`` is exact match); ones not computed are NaN."""
+    requires under their catalogue names (``accuracy`` is exact match, else the workflow's own accuracy, as
+    RL's); ones not computed are NaN."""
     measurements = {
         **metrics,
-        "accuracy": metrics.get("exact_match", math.nan),
+        "accuracy": metrics.get("exact_match", metrics.get("accuracy", math.nan)),
         "f1": metrics.get("f1", math.nan),
         "precision": metrics.get("precision", math.nan),
         "recall": metrics.get("recall", math.nan),

@@ -198,9 +198,10 @@ def training_asset(
                 f"continuing the rank-{base_model.lora_rank} adapter of {base_model.registered_version} "
                 f"(--lora-rank {config.lora_rank} does not apply)"
             )
+        batch = f"batch {config.batch_size}, " if hasattr(config, "batch_size") else ""  # RL: groups
         context.log.info(
             f"training {plan.total_steps} steps on {training.backend_name} "
-            f"(batch {config.batch_size}, lr {learning_rate:.2e}, rank {spec.lora_rank}); run dir {run_dir}"
+            f"({batch}lr {learning_rate:.2e}, rank {spec.lora_rank}); run dir {run_dir}"
         )
         try:
             result = run_training(

@@ -48,6 +48,7 @@ from tests.cli_runs import (
 #: workflow -> overrides of its smoke config: enough steps to interrupt between two checkpoints.
 KILL_RESUME: dict[str, dict[str, Any]] = {
     "supervised": {"max_rows": 200, "max_steps": 24, "save_every": 4},
+    "rl": {"max_steps": 16, "save_every": 4},
     "dpo": {"max_rows": 96, "max_steps": 24, "save_every": 4},
 }
 TOLERANCE = 1e-6

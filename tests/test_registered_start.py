@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._core.instance.ref import InstanceRef
 from test_supervised_workflow import tiny_run_config
 
 from kitchen.cli import main
@@ -57,4 +57,5 @@ def test_training_continues_from_a_registered_version(
     assert main(["run", "supervised", "--model", f"models:/{FIRST}@prod", "--max-steps", "1"]) == 1
     err = capsys.readouterr().err
     assert f"--model models:/{FIRST}@prod" in err and "no alias 'prod' (aliases: champion -> v1)" in err
-    assert not any((Path(os.environ["KITCHEN_HOME"]) / "logs").glob("*.log"))  # no run was started
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(tmp_path / "dagster"))) as instance:
+        assert instance.get_runs() == []  # no run was started

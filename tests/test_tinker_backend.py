@@ -500,7 +500,7 @@ class _InstantService:
 
 def test_the_loop_overlaps_requests_and_records_every_step(tmp_path: Path) -> None:
     from kitchen.training.loop import TrainingSpec, run_training
-    from kitchen.workflows.supervised.plan import SupervisedPlan
+    from kitchen.training.supervised import SupervisedPlan
 
     bench = _bench_module()
     datum = tinker.types.Datum(

@@ -22,7 +22,7 @@ from kitchen.training.batching import EpochBatches
 from kitchen.training.loop import Ledger, TrainingSpec, read_metrics, run_training
 from kitchen.training.plan import PlanBase, Policy, StepBatch, weighted_nll_metrics
 from kitchen.training.schedule import learning_rate_at, recommended_lora_lr
-from kitchen.workflows.supervised.plan import SupervisedPlan
+from kitchen.training.supervised import SupervisedPlan
 from resources.futures import resolved
 from resources.local_engine import LocalServiceClient
 

@@ -34,6 +34,7 @@ from kitchen.manifests import (
     read_manifest_file,
 )
 from kitchen.workflows import Workflow, get_workflow
+from kitchen.workflows.config import MISSING_DEFAULT_HINT
 
 # Library chatter that is noise at a terminal; the run's log keeps all of it.
 _QUIET_ENV = {
@@ -67,7 +68,11 @@ def run_workflow(args: argparse.Namespace) -> int:
         defs = load_definitions(args.backend)
     except ValueError as err:
         return _fail(str(err), 2)
-    problem = _preflight(defs, config.model_dump()) or _check_dataset(workflow, config, verbose, log_path)
+    problem = (
+        _preflight(defs)
+        or _check_dataset(workflow, config, verbose, log_path)
+        or _check_registered_refs(defs, config)
+    )
     if problem:
         return _fail(problem)
 
@@ -162,30 +167,45 @@ def _interruption(result: Any) -> str | None:
     return None
 
 
-def _preflight(defs: Any, settings: dict[str, Any]) -> str | None:
-    """A missing key, an unreachable service or registry, a registered model that does not exist: one
-    line now, not a failed run later."""
+def _preflight(defs: Any) -> str | None:
+    """A missing key, an unreachable service or registry: one line now, not a failed run later."""
     import dagster as dg
 
     from kitchen.contract import BackendUnavailableError
     from kitchen.registry import RegistryError
-    from kitchen.registry.starting import is_registered_ref
 
     resources = defs.resources or {}
     try:
         with dg.build_resources({"training": resources["training"]}) as built:
             built.training.preflight()
-        registry = resources["registry"]
-        registry.preflight()
-        for name, value in settings.items():
-            if isinstance(value, str) and is_registered_ref(value):
-                try:
-                    registry.registry().resolve(value.strip())
-                except RegistryError as err:
-                    return f"--{name.replace('_', '-')} {value}: {err}"
+        resources["registry"].preflight()
     except (BackendUnavailableError, RegistryError) as err:
         return str(err)
     return None
+
+
+def _check_registered_refs(defs: Any, config: Any) -> str | None:
+    """Every ``models:/`` setting (``--model``, distillation's ``--teacher``) names a registered version
+    that exists; a default that does not exist yet says what makes it."""
+    from kitchen.registry import RegistryError
+    from kitchen.registry.starting import is_registered_ref
+
+    registry = (defs.resources or {})["registry"]
+    for name, value in config.model_dump().items():
+        if isinstance(value, str) and is_registered_ref(value):
+            try:
+                registry.registry().resolve(value.strip())
+            except RegistryError as err:
+                return f"--{name.replace('_', '-')} {value}: {err}{_default_hint(config, name, value)}"
+    return None
+
+
+def _default_hint(config: Any, name: str, value: str) -> str:
+    """``. <hint>`` when ``value`` is the field's default and the field says what makes it."""
+    field = type(config).model_fields.get(name)
+    extra = field.json_schema_extra if field is not None else None
+    hint = extra.get(MISSING_DEFAULT_HINT) if isinstance(extra, dict) else None
+    return f". {hint}" if hint and field is not None and value == field.default else ""
 
 
 def _execute(defs: Any, workflow: Workflow, run_config: dict[str, Any], verbose: bool, log_path: Path) -> Any:
@@ -251,6 +271,15 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
+def _reference_column(report_path: str) -> tuple[dict[str, float] | None, str]:
+    """The report's third column (distillation's teacher), if it has one, and its label."""
+    import json
+
+    path = Path(report_path)
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    return report.get("reference"), str(report.get("reference_label") or "reference")
+
+
 def _print_summary(
     workflow: Workflow, run_id: str, outputs: dict[str, Manifest], seconds: float, resumed_from: str | None
 ) -> None:
@@ -274,11 +303,13 @@ def _print_summary(
     if isinstance(report, EvalManifest):
         title = f"held-out evaluation (n={report.num_examples}, {report.seconds:.0f}s)"
         table = Table(title=title)
-        for col in ("metric", "base", "trained", "delta"):
+        reference, label = _reference_column(report.report_path)
+        for col in ("metric", "base", "trained", "delta", *([label] if reference is not None else [])):
             table.add_column(col, justify="left" if col == "metric" else "right")
         for name, base in report.base.items():
             trained = report.trained.get(name, math.nan)
-            table.add_row(name, _fmt(base), _fmt(trained), f"{trained - base:+.4f}")
+            extra = [_fmt(reference.get(name))] if reference is not None else []
+            table.add_row(name, _fmt(base), _fmt(trained), f"{trained - base:+.4f}", *extra)
         Console().print(table)
         print(gate_summary(report.report_path))
         print(f"report: {report.report_path}")

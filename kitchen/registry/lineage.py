@@ -168,7 +168,9 @@ def lineage_tags(model: TrainedModel, provenance: Provenance, *, weights_id: str
         **code_version(),
     }
     for kind, manifest in sorted(model.inputs.items()):
-        for name in ("content_hash", "tokenizer_hash"):
+        # a workflow's own inputs: their identity, and for a model input (distillation's teacher) its name
+        # and registered version
+        for name in ("content_hash", "tokenizer_hash", "registered_version", "name"):
             value = getattr(manifest, name, None)
             if isinstance(value, str):
                 tags[f"kitchen.{kind}.{name}"] = value

@@ -6,18 +6,27 @@ A *rollout* is one completion the policy sampled for a prompt, with the sampler'
 logprobs and a per-token advantage on the completion's tokens, 0 on the prompt's. RL gives every token of
 a rollout its group-relative advantage; distillation gives each token its own (``-kl_coef * (student -
 teacher)``). ``sample_train_kl`` reports how far the sampler's logprobs were from the trainer's
-(tinker-cookbook's ``optim/kl_sample_train_v1``/``_v2`` and ``optim/entropy``).
+(tinker-cookbook's ``optim/kl_sample_train_v1``/``_v2`` and ``optim/entropy``). ``RolloutLog`` keeps what
+was sampled, one Parquet file per step, so users can read the rollouts a run trained on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import os
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from tinker import types
 
 from kitchen.contract import SamplingClient
+from kitchen.manifests import RolloutsManifest
 
 
 @dataclass(frozen=True)
@@ -28,10 +37,15 @@ class Rollout:
     """The sampler's ``log p(token | prefix)`` for each sampled token."""
     stop_reason: str
     policy_version: int | None = None
+    """The optimizer steps the sampling weights had (``Policy.version``)."""
 
     @property
     def length(self) -> int:
         return len(self.tokens)
+
+    def staleness(self, step: int) -> int | None:
+        """How many steps behind 0-based ``step`` its weights were (0: on-policy)."""
+        return None if self.policy_version is None else step - self.policy_version
 
 
 def sampling_seed(seed: int, step: int, index: int) -> int:
@@ -136,3 +150,63 @@ def sample_train_kl(rollouts: Sequence[Rollout], output: types.ForwardBackwardOu
         "optim/kl_sample_train_v2": float(0.5 * (values**2).mean()),
         "optim/entropy": float(-np.mean(sampled)),
     }
+
+
+_STEP_FILE = re.compile(r"step-(\d+)\.parquet")
+
+
+class RolloutLog:
+    """One Parquet file of rollout rows per training step (1-based, as ``metrics.jsonl`` numbers them)
+    under ``directory``. A step's file is written whole and atomically, and a resumed run first drops the
+    files after its checkpoint (``discard_after``), so the log always matches the steps the ledger
+    recorded: a resumed run rewrites what it redoes, never appends to it."""
+
+    def __init__(self, directory: Path, schema: pa.Schema) -> None:
+        self.directory = Path(directory)
+        self.schema = schema
+
+    def path(self, step: int) -> Path:
+        return self.directory / f"step-{step:06d}.parquet"
+
+    def write(self, step: int, rows: Sequence[Mapping[str, Any]]) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pylist([dict(r) for r in rows], schema=self.schema)
+        path = self.path(step)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def steps(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        found = (_STEP_FILE.fullmatch(p.name) for p in self.directory.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def discard_after(self, step: int) -> None:
+        """Remove the files of steps after ``step`` (those a resumed run will redo)."""
+        for later in self.steps():
+            if later > step:
+                self.path(later).unlink(missing_ok=True)
+
+    def read(self, steps: Sequence[int] | None = None) -> pa.Table:
+        chosen = self.steps() if steps is None else list(steps)
+        tables = [pq.read_table(self.path(s), schema=self.schema) for s in chosen]
+        return pa.concat_tables(tables) if tables else self.schema.empty_table()
+
+    def manifest(self) -> RolloutsManifest:
+        steps = self.steps()
+        digest = hashlib.sha256()
+        rows = 0
+        for step in steps:
+            path = self.path(step)
+            digest.update(f"{path.name}\0".encode())
+            digest.update(path.read_bytes())
+            rows += pq.ParquetFile(path).metadata.num_rows
+        return RolloutsManifest(
+            path=str(self.directory),
+            steps=len(steps),
+            rows=rows,
+            columns=list(self.schema.names),
+            content_hash=digest.hexdigest(),
+        )

@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from kitchen.models.base import DEFAULT_MODEL
 
 DEFAULT_DATASET = "kitchen/arithmetic"
+#: A field's ``json_schema_extra`` key: what makes the registered model its default names, said by
+#: ``kitchen run``'s preflight when that default does not exist yet (distillation's default teacher).
+MISSING_DEFAULT_HINT = "missing_default_hint"
 #: Sections of a Dagster run config that are not per-op config.
 NOT_OP_CONFIG = frozenset({"ops", "resources", "loggers", "execution"})
 
@@ -55,9 +58,11 @@ class DatumsSection(Section):
     )
 
 
-class TrainingSection(Section):
+class LoopSection(Section):
+    """What the one training loop and its optimizer take, whatever one step's batch is made of (a
+    workflow whose batch is not ``batch_size`` examples, such as RL's groups, builds on this)."""
+
     epochs: int = Field(default=1, ge=1, le=1000, description="Passes over the training set.")
-    batch_size: int = Field(default=16, ge=1, le=8192, description="Examples per optimizer step.")
     learning_rate: float | None = Field(
         default=None,
         gt=0.0,
@@ -82,6 +87,10 @@ class TrainingSection(Section):
     weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
     grad_clip_norm: float = Field(default=0.0, ge=0.0, description="Clip the gradient norm (0: off).")
     resume: bool = Field(default=True, description="Resume an interrupted run from its last checkpoint.")
+
+
+class TrainingSection(LoopSection):
+    batch_size: int = Field(default=16, ge=1, le=8192, description="Examples per optimizer step.")
 
 
 class EvalSection(Section):

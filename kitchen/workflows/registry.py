@@ -33,7 +33,12 @@ if TYPE_CHECKING:
     from kitchen.workflows.context import EvalContext, Evaluation, PlanContext
 
 #: Modules that register Kitchen's own workflows, in the order the CLI and the UI list them.
-BUILTIN: tuple[str, ...] = ("kitchen.workflows.supervised", "kitchen.workflows.dpo")
+BUILTIN: tuple[str, ...] = (
+    "kitchen.workflows.supervised",
+    "kitchen.workflows.rl",
+    "kitchen.workflows.distillation",
+    "kitchen.workflows.dpo",
+)
 PLUGINS_ENV = "KITCHEN_WORKFLOW_MODULES"
 
 #: Asset kinds every workflow has; the training step is the ``train`` op (outputs checkpoints and weights).
@@ -120,11 +125,21 @@ def _load() -> None:
                 raise ImportError(f"{PLUGINS_ENV}: cannot import workflow module {module!r}: {err}") from err
 
 
+def _builtin_rank(workflow: Workflow) -> int:
+    """Its module's place in ``BUILTIN`` (plugins after): importing a workflow's module directly registers
+    it before the registry loads the others, and the listing must not depend on that."""
+    module = workflow.config.__module__
+    for rank, name in enumerate(BUILTIN):
+        if module == name or module.startswith(name + "."):
+            return rank
+    return len(BUILTIN)
+
+
 def workflows() -> list[Workflow]:
-    """Every registered workflow, built-ins first."""
+    """Every registered workflow, built-ins first in ``BUILTIN``'s order, then plugins as registered."""
     _load()
     with _LOCK:
-        return list(_REGISTRY.values())
+        return sorted(_REGISTRY.values(), key=_builtin_rank)
 
 
 def get_workflow(name: str) -> Workflow:

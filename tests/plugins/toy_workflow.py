@@ -7,6 +7,7 @@ from pydantic import BaseModel
 
 from kitchen.data import build_datums, load_saved_dataset
 from kitchen.manifests import DatasetManifest
+from kitchen.training.supervised import SupervisedPlan
 from kitchen.workflows import PlanContext, Workflow, register_workflow
 from kitchen.workflows.config import (
     DatasetSection,
@@ -18,7 +19,6 @@ from kitchen.workflows.config import (
 )
 from kitchen.workflows.supervised import load_chat_dataset, smoke_run_config
 from kitchen.workflows.supervised.evaluate import evaluate_supervised
-from kitchen.workflows.supervised.plan import SupervisedPlan
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "base_model": ModelSection,

@@ -15,12 +15,12 @@ from kitchen.data.sources import LoadedDataset
 from kitchen.manifests import BaseModelManifest, DatumsManifest
 from kitchen.models.base import hidden_size
 from kitchen.training.schedule import recommended_lora_lr
+from kitchen.training.supervised import SupervisedPlan
 from kitchen.workflows.config import DatasetSection
 from kitchen.workflows.context import PlanContext
 from kitchen.workflows.registry import Workflow, register_workflow
 from kitchen.workflows.supervised.config import SECTIONS, SupervisedConfig, smoke_run_config
 from kitchen.workflows.supervised.evaluate import evaluate_supervised
-from kitchen.workflows.supervised.plan import SupervisedPlan
 
 NAME = "supervised"
 

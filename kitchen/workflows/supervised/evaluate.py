@@ -4,31 +4,14 @@ extra lm-eval tasks, for the starting model and the trained one, through the sam
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from kitchen.data import load_saved_dataset
-from kitchen.eval.harness import (
-    NLL_TASK,
-    ModelResults,
-    check_task_data,
-    evaluate_model,
-    plan_evaluation,
-    write_task_data,
-)
-from kitchen.eval.lm import KitchenLM
+from kitchen.eval.compare import context_window, score_models
+from kitchen.eval.harness import check_task_data, plan_evaluation
 from kitchen.eval.report import metric_order
-from kitchen.manifests import BaseModelManifest
 from kitchen.workflows.context import EvalContext, Evaluation
 
-
-def context_window(base_model: BaseModelManifest) -> int | None:
-    """The base model's position limit when its config is local; None lets KitchenLM use the tokenizer's."""
-    if not base_model.path:
-        return None
-    from transformers import AutoConfig
-
-    value = getattr(AutoConfig.from_pretrained(base_model.path), "max_position_embeddings", None)
-    return int(value) if value else None
+__all__ = ["context_window", "evaluate_supervised"]
 
 
 def evaluate_supervised(ctx: EvalContext) -> Evaluation:
@@ -41,22 +24,16 @@ def evaluate_supervised(ctx: EvalContext) -> Evaluation:
     if n == 0:
         raise ValueError(f"dataset {dataset.name!r} has an empty test split; nothing to evaluate on")
     heldout = test_rows.select(range(n))
-    window = context_window(ctx.base_model)
-    files: dict[str, Path] = {}
-    results: dict[str, ModelResults] = {}
-    for label, make_client in (("base", ctx.base_client), ("trained", ctx.trained_client)):
-        lm = KitchenLM(make_client(), max_length=window, skip_greedy_for=[NLL_TASK], label=label)
-        if not files:
-            files = write_task_data(plan, list(heldout), lm, ctx.out_dir / "data", limit=n)
-        results[label] = evaluate_model(
-            lm,
-            plan,
-            files,
-            limit=config.eval_examples,
-            max_gen_tokens=config.eval_max_tokens,
-            cache_dir=ctx.out_dir / "hf-datasets",
-        )
-        ctx.log(f"{label}: {results[label].metrics} ({results[label].seconds:.1f}s)")
+    results = score_models(
+        {"base": ctx.base_client, "trained": ctx.trained_client},
+        list(heldout),
+        plan,
+        limit=config.eval_examples,
+        max_gen_tokens=config.eval_max_tokens,
+        out_dir=ctx.out_dir,
+        windows=dict.fromkeys(("base", "trained"), context_window(ctx.base_model)),
+        log=ctx.log,
+    )
     base, trained = results["base"], results["trained"]
     lm_eval_files = {}
     for label, result in results.items():
