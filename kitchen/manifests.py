@@ -225,13 +225,25 @@ def manifest_payload(manifest: Manifest) -> dict[str, object]:
     return {"type": type(manifest).__name__, "data": manifest.model_dump(mode="json")}
 
 
+def manifest_types() -> dict[str, type[Manifest]]:
+    """Every ``Manifest`` subclass by class name: the ones here and those a workflow defines in its own
+    folder (DPO's comparisons and reference logprobs), once its module is imported."""
+    found: dict[str, type[Manifest]] = {}
+    stack: list[type[Manifest]] = [Manifest]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            found.setdefault(sub.__name__, sub)
+            stack.append(sub)
+    return found
+
+
 def read_manifest_file(path: str | Path) -> Manifest:
     """A stored manifest, as the type it was written as."""
     import json
 
     payload = json.loads(Path(path).read_text())
-    cls = globals().get(payload.get("type", ""))
-    if not (isinstance(cls, type) and issubclass(cls, Manifest)):
+    cls = manifest_types().get(payload.get("type", ""))
+    if cls is None:
         raise ValueError(f"{path}: unknown manifest type {payload.get('type')!r}")
     return cls.model_validate(payload["data"])
 

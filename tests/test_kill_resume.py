@@ -49,6 +49,7 @@ from tests.cli_runs import (
 KILL_RESUME: dict[str, dict[str, Any]] = {
     "supervised": {"max_rows": 200, "max_steps": 24, "save_every": 4},
     "rl": {"max_steps": 16, "save_every": 4},
+    "dpo": {"max_rows": 96, "max_steps": 24, "save_every": 4},
 }
 TOLERANCE = 1e-6
 CTRL_C_SECONDS = 30  # generous for a loaded 2-core machine; the measured time is printed

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, Features
 
 from kitchen.data.schemas import NORMALIZED_FEATURES, NormalizedRow
 
@@ -28,18 +28,28 @@ class BuiltinDataset:
     train_size: int
     test_size: int
     aliases: tuple[str, ...] = ()
+    features: Features = field(default_factory=lambda: NORMALIZED_FEATURES)
+    """Arrow schema of the generated rows: chat rows by default; a workflow's own built-in (DPO's
+    preference pairs) generates rows in a schema its row format accepts."""
 
 
 _REGISTRY: dict[str, BuiltinDataset] = {}
 
 
 def register_builtin(
-    name: str, *, description: str, train_size: int, test_size: int, aliases: tuple[str, ...] = ()
+    name: str,
+    *,
+    description: str,
+    train_size: int,
+    test_size: int,
+    aliases: tuple[str, ...] = (),
+    features: Features = NORMALIZED_FEATURES,
 ) -> Callable[[Generator], Generator]:
-    """Register ``fn`` as built-in dataset ``name`` (also reachable under ``aliases``)."""
+    """Register ``fn`` as built-in dataset ``name`` (also reachable under ``aliases``); its rows have
+    ``features`` (chat rows unless a workflow's built-in says otherwise)."""
 
     def decorator(fn: Generator) -> Generator:
-        entry = BuiltinDataset(name, description, fn, train_size, test_size, aliases)
+        entry = BuiltinDataset(name, description, fn, train_size, test_size, aliases, features)
         for key in (name, *aliases):
             if key in _REGISTRY:
                 raise ValueError(f"Built-in dataset name {key!r} is already registered")
@@ -72,7 +82,7 @@ def builtin_dataset(
         entry.test_size if test_size is None else test_size,
     )
     return DatasetDict(
-        {split: Dataset.from_list(rows, features=NORMALIZED_FEATURES) for split, rows in splits.items()}
+        {split: Dataset.from_list(rows, features=entry.features) for split, rows in splits.items()}
     )
 
 

@@ -27,7 +27,7 @@ from kitchen.data.schemas import (
 )
 
 #: Source split names used as the test split, in order of preference.
-TEST_SPLIT_NAMES = ("test", "validation", "valid", "dev")
+TEST_SPLIT_NAMES: tuple[str, ...] = ("test", "validation", "valid", "dev")
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,14 @@ class RowFormat:
     preview: Callable[[Mapping[str, Any]], dict[str, str]]
     """One normalised row as a few readable columns (the dataset asset's preview table)."""
     train_splits: tuple[str, ...] = ("train",)
+    """Source split names to train on, in order of preference (UltraFeedback's ``train_prefs``)."""
     test_splits: tuple[str, ...] = TEST_SPLIT_NAMES
+    """Source split names to hold out, in order of preference (``test_prefs``, then ``test``, ...)."""
+
+    @property
+    def split_names(self) -> tuple[str, ...]:
+        """Every split name this format recognises, plus the common ones (data-file names pick splits)."""
+        return tuple(dict.fromkeys((*self.train_splits, *self.test_splits, "train", *TEST_SPLIT_NAMES)))
 
     def detect(self, columns: Iterable[str]) -> str:
         """The first schema whose columns are all present, else a ``SchemaError`` naming the accepted."""

@@ -31,7 +31,7 @@ import datasets
 from datasets import Dataset, DatasetDict
 
 from kitchen.data.builtin import builtin_dataset, get_builtin, list_builtin_datasets
-from kitchen.data.formats import CHAT, TEST_SPLIT_NAMES, RowFormat
+from kitchen.data.formats import CHAT, RowFormat
 from kitchen.data.schemas import MAX_SKIPPED_EXAMPLES, NormalizedRow, SchemaError
 from kitchen.home import home_dir
 from kitchen.locks import file_lock, home_lock
@@ -42,7 +42,6 @@ TestSplitSource = Literal["source", "seeded-split"]
 
 #: File suffix -> ``datasets`` packaged loader.
 DATA_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-_SPLIT_NAMES = ("train", *TEST_SPLIT_NAMES)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
 PREVIEW_ROWS = 3
 
@@ -118,9 +117,10 @@ def load_dataset_source(
     Tried in order: a built-in name; an existing path (``.jsonl``/``.json``/``.csv``/``.parquet``
     file, a ``save_to_disk`` directory, or a directory of data files whose ``train*``/``test*``
     names pick splits); a Hub id ``owner/name`` or ``owner/name:config``. ``split`` names the
-    source split to train on (default ``train``, or the only split); the test split is the source's
-    ``test`` (or ``validation``/``valid``/``dev``) unless ``split`` is given or there is none, in
-    which case ``test_size`` rows are split off with ``seed``. ``max_rows`` caps the rows read from
+    source split to train on (default: the first of ``row_format.train_splits`` present, usually
+    ``train``, or the only split); the test split is the first of ``row_format.test_splits`` present
+    (``test``, ``validation``, ...) unless ``split`` is given or there is none, in which case
+    ``test_size`` rows are split off with ``seed``. ``max_rows`` caps the rows read from
     each source split (the first ones; built-ins generate no more than that).
     """
     tried: list[str] = []
@@ -137,7 +137,7 @@ def load_dataset_source(
 
     path = Path(name).expanduser()
     if path.exists():
-        raw, kind = _load_local(path, max_rows)
+        raw, kind = _load_local(path, row_format.split_names, max_rows)
         return _prepare(
             name, str(path.resolve()), kind, raw, None, test_size, seed, max_rows, split, row_format
         )
@@ -254,7 +254,9 @@ def _local_cache_dir() -> str:
     return str(home_dir("cache", "datasets"))
 
 
-def _load_local(path: Path, max_rows: int | None = None) -> tuple[Mapping[str, RawSplit], SourceKind]:
+def _load_local(
+    path: Path, split_names: tuple[str, ...], max_rows: int | None = None
+) -> tuple[Mapping[str, RawSplit], SourceKind]:
     if path.is_file():
         fmt = DATA_FILE_FORMATS.get(path.suffix.lower())
         if fmt is None:
@@ -281,17 +283,21 @@ def _load_local(path: Path, max_rows: int | None = None) -> tuple[Mapping[str, R
         raise DatasetSourceError(f"{path} mixes data file formats {sorted(formats)}; use one format")
     data_files: dict[str, list[str]] = {}
     for file in files:
-        data_files.setdefault(_split_of(file.relative_to(path)), []).append(str(file))
+        data_files.setdefault(_split_of(file.relative_to(path), split_names), []).append(str(file))
     return _load_files(formats.pop(), data_files, max_rows), "data-files"
 
 
-def _split_of(relative: Path) -> str:
-    """``train.jsonl``, ``test-00000-of-00001.parquet``, ``validation/part.csv``: the split it names.
-    Files that name no split are training data."""
+def _split_of(relative: Path, split_names: tuple[str, ...]) -> str:
+    """``train.jsonl``, ``test-00000-of-00001.parquet``, ``validation/part.csv``: the split it names, the
+    longest of ``split_names`` a directory or the file's stem is or starts with (then ``-``, ``_`` or
+    ``.``), so ``train_prefs-0000.parquet`` is ``train_prefs`` when the format knows that name and
+    ``train`` otherwise. Files that name no split are training data."""
+    longest_first = sorted(split_names, key=len, reverse=True)
     for part in (*relative.parts[:-1], relative.name.split(".")[0]):
-        word = re.split(r"[-_.]", part.lower())[0]
-        if word in _SPLIT_NAMES:
-            return word
+        lowered = part.lower()
+        for name in longest_first:
+            if lowered == name or (lowered.startswith(name) and lowered[len(name)] in "-_."):
+                return name
     return "train"
 
 
@@ -627,14 +633,13 @@ def _pick_splits(
         if split not in raw:
             raise DatasetSourceError(f"Dataset {name!r} has no split {split!r}; splits: {splits}")
         return split, None
-    named = next((s for s in row_format.train_splits if s in raw), None)
-    if named is not None:
-        train = named
-    elif len(splits) == 1:
+    train = next((s for s in row_format.train_splits if s in raw), None)
+    if train is None and len(splits) == 1:
         train = splits[0]
-    else:
+    if train is None:
+        wanted = " or ".join(repr(s) for s in row_format.train_splits)
         raise DatasetSourceError(
-            f"Dataset {name!r} has no 'train' split; choose one with split=... from {splits}"
+            f"Dataset {name!r} has no {wanted} split; choose one with split=... from {splits}"
         )
     test = next((s for s in row_format.test_splits if s in raw and s != train), None)
     return train, test

@@ -37,6 +37,7 @@ BUILTIN: tuple[str, ...] = (
     "kitchen.workflows.supervised",
     "kitchen.workflows.rl",
     "kitchen.workflows.distillation",
+    "kitchen.workflows.dpo",
 )
 PLUGINS_ENV = "KITCHEN_WORKFLOW_MODULES"
 
