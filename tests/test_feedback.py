@@ -228,3 +228,32 @@ def test_the_files_load_as_each_workflows_dataset(workflow_name: str, tmp_path: 
         assert sorted((r["chosen"], r["rejected"]) for r in rows) == sorted(
             (str(2 * a), str(a)) for a in range(1, 6)
         )
+
+
+def test_a_dpo_retraining_run_trains_on_the_pairs(tmp_path: Path) -> None:
+    """With ``dpo`` registered, the retraining run is ``dpo_job`` on the batch's pairs, from the champion."""
+    from jobs.feedback import FeedbackRetrainSettings, feedback_target, retraining_request
+
+    if "dpo" not in {w.name for w in workflows()}:
+        pytest.skip("no 'dpo' workflow registered")
+    assert feedback_target().name == "dpo"
+    batch = FeedbackDataManifest(
+        batch="000000-000040",
+        after_seq=0,
+        last_seq=40,
+        store=str(tmp_path / "feedback.db"),
+        feedback=40,
+        pairs=20,
+        sft_rows=3,
+        pairs_path=str(tmp_path / "pairs-0123456789ab.jsonl"),
+        sft_path=str(tmp_path / "sft-0123456789ab.jsonl"),
+        model_names=["old-model", "served-model"],
+    )
+    request = retraining_request(FeedbackRetrainSettings(get_workflow("dpo"), threshold=16), batch)
+    assert isinstance(request, dg.RunRequest)
+    assert (request.job_name, request.run_key) == ("dpo_job", "dpo-feedback-000000-000040")
+    assert request.run_config == {
+        "dataset": batch.pairs_path,
+        "model": "models:/served-model@champion",
+        "registered_model_name": "served-model",
+    }
