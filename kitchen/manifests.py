@@ -246,3 +246,26 @@ def read_manifest_file(path: str | Path) -> Manifest:
     if cls is None:
         raise ValueError(f"{path}: unknown manifest type {payload.get('type')!r}")
     return cls.model_validate(payload["data"])
+
+
+class FeedbackDataManifest(Manifest):
+    """One batch of stored feedback as training data files (``kitchen.feedback``)."""
+
+    batch: str = Field(description="The batch's id: feedback with after_seq < seq <= last_seq.")
+    after_seq: int
+    last_seq: int
+    store: str = Field(description="The feedback database read.")
+    feedback: int = Field(description="Pieces of feedback in the batch.")
+    pairs: int = Field(description="Preference pairs (prompt/chosen/rejected) the batch made.")
+    sft_rows: int = Field(description="Corrected replies (chat messages) the batch made.")
+    pairs_path: str | None = Field(default=None, description="prompt/chosen/rejected JSONL, for DPO.")
+    pairs_hash: str | None = None
+    sft_path: str | None = Field(default=None, description="messages JSONL, for supervised fine-tuning.")
+    sft_hash: str | None = None
+    skipped: dict[str, int] = Field(default_factory=dict, description="Unused feedback parts by reason.")
+    by_version: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="Served version -> feedback, pairs and sft_rows from it."
+    )
+    model_names: list[str] = Field(
+        default_factory=list, description="Registered models the feedback rates, most recent last."
+    )

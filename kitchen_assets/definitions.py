@@ -13,6 +13,7 @@ import dagster as dg
 
 from jobs import kitchen_automation
 from kitchen.workflows import workflows
+from kitchen_assets.feedback import feedback_assets, feedback_settings
 from kitchen_assets.io import ManifestIOManager
 from kitchen_assets.workflows import workflow_assets
 from resources.mlflow_registry import MlflowRegistry
@@ -35,7 +36,10 @@ def build_definitions(backend: str | None = None) -> dg.Definitions:
     registered = workflows()
     automation = kitchen_automation(registered)
     return dg.Definitions(
-        assets=[asset for workflow in registered for asset in workflow_assets(workflow)],
+        assets=[
+            *(asset for workflow in registered for asset in workflow_assets(workflow)),
+            *feedback_assets(feedback_settings(), registered),  # off unless KITCHEN_FEEDBACK=on
+        ],
         jobs=automation.jobs,
         sensors=automation.sensors,
         resources={

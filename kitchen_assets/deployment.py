@@ -26,6 +26,7 @@ from kitchen.manifests import DeploymentManifest, RegisteredModelManifest
 from kitchen.registry.names import parse_model_ref
 from kitchen.registry.store import RegistryError
 from kitchen.serve.probe import DeploymentError, served_model, wait_for_version
+from kitchen.telemetry import DEPLOYMENT_UPDATED, emit
 from kitchen.workflows import Workflow
 from kitchen_assets.factory import workflow_asset
 from resources.mlflow_registry import MlflowRegistry
@@ -112,6 +113,17 @@ def deployment_asset(workflow: Workflow, settings: DeploymentSettings) -> dg.Ass
             else f"; {registered_model.model_uri} was registered as {registered_model.alias}"
         )
         context.log.info(reason)
+        emit(
+            DEPLOYMENT_UPDATED,
+            {},
+            {
+                "url": served.url,
+                "served_ref": served.ref,
+                "served_version": served_uri,
+                "registered_version": registered_model.model_uri,
+                "current": current,
+            },
+        )
         context.add_output_metadata(
             {
                 "url": dg.MetadataValue.url(served.url),

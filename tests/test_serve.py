@@ -28,6 +28,7 @@ import pytest
 from test_supervised_workflow import tiny_run_config
 from tinker import types
 
+from kitchen import telemetry
 from kitchen.cli import main
 from kitchen.hashing import ADAPTER_FILES, hash_file, hash_json
 from kitchen.manifests import DeploymentManifest
@@ -298,8 +299,13 @@ def test_deployment_asset_records_what_the_server_serves(server: Server) -> None
     assert DEPLOYMENT not in {
         k for a in workflow_assets(get_workflow("supervised")) for k in a.keys
     }  # opt-in
-    result, deployment = _materialise_deployment(server.url)
+    updates: list[telemetry.TelemetryEvent] = []
+    with telemetry.attached_handler("deployment-test", telemetry.DEPLOYMENT_UPDATED, updates.append):
+        result, deployment = _materialise_deployment(server.url)
     assert result.success and deployment is not None
+    [update] = updates  # kitchen.deployment.updated, to the run's sinks
+    assert update.metadata["run_id"] == result.run_id and update.metadata["workflow"] == "supervised"
+    assert (update.metadata["served_version"], update.metadata["current"]) == (f"models:/{NAME}/1", True)
     assert deployment.served_ref == f"{NAME}@champion" and deployment.served_version == f"{NAME}/1"
     assert deployment.current and deployment.registered_uri == f"models:/{NAME}/1"
     tags = ModelRegistry(default_tracking_uri()).version(NAME, "1").tags

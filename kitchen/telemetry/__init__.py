@@ -10,9 +10,15 @@ See ``events.py`` for the catalogue and ``sinks/`` for JSONL, MLflow and OpenTel
 """
 
 from kitchen.telemetry.events import (
+    DEPLOYMENT_UPDATED,
     EVAL_COMPLETE,
+    FEEDBACK_RECEIVED,
     HANDLER_FAILED,
     MODEL_REGISTERED,
+    RUN_COMPLETED,
+    RUN_CREATED,
+    RUN_FAILED,
+    RUN_RUNNING,
     STAGE_EXCEPTION,
     STAGE_START,
     STAGE_STOP,
@@ -39,9 +45,15 @@ from kitchen.telemetry.events import (
 )
 
 __all__ = [
+    "DEPLOYMENT_UPDATED",
     "EVAL_COMPLETE",
+    "FEEDBACK_RECEIVED",
     "HANDLER_FAILED",
     "MODEL_REGISTERED",
+    "RUN_COMPLETED",
+    "RUN_CREATED",
+    "RUN_FAILED",
+    "RUN_RUNNING",
     "STAGE_EXCEPTION",
     "STAGE_START",
     "STAGE_STOP",

@@ -177,6 +177,39 @@ MODEL_REGISTERED = register_event(
     metadata=("model_name", "version", "alias"),
     description="A model version was registered (alias may be None).",
 ).name
+RUN_CREATED = register_event(
+    "kitchen.run.created",
+    metadata=("job_name",),
+    description="A Dagster run was created: queued, or started directly (then just before run.running); "
+    "from Dagster's run status, timestamped when the run was created.",
+).name
+RUN_RUNNING = register_event(
+    "kitchen.run.running", metadata=("job_name",), description="A Dagster run started executing."
+).name
+RUN_COMPLETED = register_event(
+    "kitchen.run.completed",
+    measurements=("duration_seconds",),
+    metadata=("job_name",),
+    description="A Dagster run succeeded; duration from its start.",
+).name
+RUN_FAILED = register_event(
+    "kitchen.run.failed",
+    measurements=("duration_seconds",),
+    metadata=("job_name", "status", "error_message"),
+    description="A Dagster run ended without success: status failure, or canceled.",
+).name
+DEPLOYMENT_UPDATED = register_event(
+    "kitchen.deployment.updated",
+    metadata=("url", "served_version", "registered_version", "current"),
+    description="The deployment asset recorded which version a kitchen serve serves (current: the one "
+    "the run registered).",
+).name
+FEEDBACK_RECEIVED = register_event(
+    "kitchen.feedback.received",
+    measurements=("feedback", "pairs", "sft_rows", "skipped"),
+    metadata=("batch", "after_seq", "last_seq", "by_version"),
+    description="A batch of feedback on served replies was taken in as training data (the feedback asset).",
+).name
 HANDLER_FAILED = register_event(
     "kitchen.telemetry.handler_failed",
     metadata=("handler_id", "event", "error_type", "error_message"),

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from kitchen.home import home_dir
-from kitchen.telemetry.events import WORKFLOW_STOP, TelemetryEvent
+from kitchen.telemetry.events import RUN_COMPLETED, RUN_FAILED, WORKFLOW_STOP, TelemetryEvent
+
+#: Events after which a run writes nothing more from this process: its file is closed.
+LAST_EVENTS = (WORKFLOW_STOP, RUN_COMPLETED, RUN_FAILED)
 
 
 def jsonl_path(run_id: str, directory: Path | None = None) -> Path:
@@ -29,7 +32,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 class JsonlSink:
-    """Appends events to one file per run; the file closes when the run's ``workflow.stop`` arrives."""
+    """Appends events to one file per run; the file closes when the run's ``workflow.stop`` arrives (in the
+    run's process) or its ``run.completed``/``run.failed`` (in the daemon's, from the run status sensors)."""
 
     def __init__(self, directory: Path | None = None) -> None:
         self.directory = directory
@@ -47,7 +51,7 @@ class JsonlSink:
                 handle = self._files[run_id] = path.open("a", encoding="utf-8")
             handle.write(line)
             handle.flush()
-            if event.name == WORKFLOW_STOP:
+            if event.name in LAST_EVENTS:
                 self._files.pop(run_id).close()
 
     def close(self) -> None:
