@@ -10,11 +10,15 @@ place that converts between the flat form and Dagster's per-op form.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kitchen.models.base import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from kitchen.data.formats import RowFormat
+    from kitchen.data.sources import LoadedDataset
 
 DEFAULT_DATASET = "kitchen/arithmetic"
 #: A field's ``json_schema_extra`` key: what makes the registered model its default names, said by
@@ -47,6 +51,21 @@ class DatasetSection(Section):
     test_size: float = Field(default=0.1, gt=0.0, lt=1.0, description="Held-out fraction when no test split.")
     max_rows: int | None = Field(default=None, ge=1, description="Cap on training rows (after normalising).")
     data_seed: int = Field(default=0, ge=0, description="Seed for splitting and built-in generation.")
+
+    def load(self, row_format: RowFormat | None = None) -> LoadedDataset:
+        """The source with these settings, normalised to ``row_format`` (chat when None), skips counted:
+        every workflow's ``load_dataset`` is this with its own row format."""
+        from kitchen.data.formats import CHAT
+        from kitchen.data.sources import load_dataset_source
+
+        return load_dataset_source(
+            self.dataset,
+            test_size=self.test_size,
+            seed=self.data_seed,
+            max_rows=self.max_rows,
+            revision=self.dataset_revision,
+            row_format=CHAT if row_format is None else row_format,
+        )
 
 
 class DatumsSection(Section):

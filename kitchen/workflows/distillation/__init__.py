@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kitchen.data import load_dataset_source, load_saved_dataset, read_datums
+from kitchen.data import load_saved_dataset, read_datums
 from kitchen.data.sources import LoadedDataset
 from kitchen.manifests import BaseModelManifest, DatasetManifest, DatumsManifest, TeacherManifest
 from kitchen.models.base import hidden_size
@@ -54,14 +54,7 @@ NAME = "distillation"
 
 def load_prompts(config: DatasetSection) -> LoadedDataset:
     """Any chat schema or bare prompts, normalised to prompt rows (``prompts.PROMPTS``)."""
-    return load_dataset_source(
-        config.dataset,
-        test_size=config.test_size,
-        seed=config.data_seed,
-        max_rows=config.max_rows,
-        revision=config.dataset_revision,
-        row_format=PROMPTS,
-    )
+    return config.load(PROMPTS)
 
 
 def learning_rate(student: BaseModelManifest) -> float:

@@ -17,7 +17,6 @@ hyperparameters and the registered version's lineage.
 
 from __future__ import annotations
 
-from kitchen.data import load_dataset_source
 from kitchen.data.sources import LoadedDataset
 from kitchen.manifests import BaseModelManifest
 from kitchen.workflows.context import PlanContext
@@ -39,14 +38,7 @@ LR_SHARE = 0.1
 
 def load_preference_dataset(config: PreferenceDatasetSection) -> LoadedDataset:
     """Any accepted preference schema, normalised to (prompt, chosen, rejected, answer) pairs."""
-    return load_dataset_source(
-        config.dataset,
-        test_size=config.test_size,
-        seed=config.data_seed,
-        max_rows=config.max_rows,
-        revision=config.dataset_revision,
-        row_format=PREFERENCE,
-    )
+    return config.load(PREFERENCE)
 
 
 def reference_name(base_model: BaseModelManifest) -> str:

@@ -16,7 +16,7 @@ starting and the trained model and gates on accuracy (no NLL rule).
 
 from __future__ import annotations
 
-from kitchen.data import load_dataset_source, load_saved_dataset, prompt_and_answer
+from kitchen.data import load_saved_dataset, prompt_and_answer
 from kitchen.data.sources import LoadedDataset
 from kitchen.manifests import BaseModelManifest, DatasetManifest
 from kitchen.models.base import hidden_size
@@ -42,14 +42,7 @@ def load_problems(config: RLDatasetSection) -> LoadedDataset:
     )
     runner = RewardRunner(config.reward) if config.reward == "math_verify" else None
     try:
-        return load_dataset_source(
-            config.dataset,
-            test_size=config.test_size,
-            seed=config.data_seed,
-            max_rows=config.max_rows,
-            revision=config.dataset_revision,
-            row_format=problem_format(prompt, runner),
-        )
+        return config.load(problem_format(prompt, runner))
     finally:
         if runner is not None:
             runner.close()

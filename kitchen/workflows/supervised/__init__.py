@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kitchen.data import load_dataset_source, read_datums
+from kitchen.data import read_datums
 from kitchen.data.sources import LoadedDataset
 from kitchen.manifests import BaseModelManifest, DatumsManifest
 from kitchen.models.base import hidden_size
@@ -27,13 +27,7 @@ NAME = "supervised"
 
 def load_chat_dataset(config: DatasetSection) -> LoadedDataset:
     """Any accepted chat/SFT schema, normalised to messages (see ``kitchen.data.schemas``)."""
-    return load_dataset_source(
-        config.dataset,
-        test_size=config.test_size,
-        seed=config.data_seed,
-        max_rows=config.max_rows,
-        revision=config.dataset_revision,
-    )
+    return config.load()
 
 
 def build_plan(ctx: PlanContext) -> SupervisedPlan:
