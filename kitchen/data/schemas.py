@@ -132,18 +132,20 @@ def normalize_row(row: Mapping[str, Any], schema: str) -> NormalizedRow:
         messages = _turns(prompt, default_role="user") + _turns(completion, default_role="assistant")
         answer = row.get("answer")
     elif schema in ("instruction/response", "instruction/output"):
-        instruction = _text(row.get("instruction"), numbers=True)
+        instruction = message_text(row.get("instruction"), numbers=True)
         extra = row.get("input")
         if isinstance(extra, str) and extra.strip():  # Alpaca: the optional input follows the instruction
             instruction = f"{instruction}\n\n{extra.strip()}"
         response = row.get("response" if schema == "instruction/response" else "output")
-        messages = [_msg("user", instruction), _msg("assistant", _text(response, numbers=True))]
+        messages = [_msg("user", instruction), _msg("assistant", message_text(response, numbers=True))]
     elif schema == "input/output":
-        prompt, output = _text(row.get("input"), numbers=True), _text(row.get("output"), numbers=True)
+        prompt = message_text(row.get("input"), numbers=True)
+        output = message_text(row.get("output"), numbers=True)
         messages = [_msg("user", prompt), _msg("assistant", output)]
     elif schema == "question/answer":
-        reference = _text(row.get("answer"), numbers=True)
-        messages = [_msg("user", _text(row.get("question"), numbers=True)), _msg("assistant", reference)]
+        reference = message_text(row.get("answer"), numbers=True)
+        question = message_text(row.get("question"), numbers=True)
+        messages = [_msg("user", question), _msg("assistant", reference)]
         final = _GSM8K_FINAL.search(reference)  # GSM8K-style "reasoning #### 42": check only the 42
         answer = final.group(1) if final else reference
     else:
@@ -169,7 +171,7 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _text(value: Any, *, numbers: bool = False) -> str:
+def message_text(value: Any, *, numbers: bool = False) -> str:
     """Message text; ``numbers`` accepts integers in flat columns (``"answer": 42`` in JSON)."""
     if numbers and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
@@ -204,7 +206,7 @@ def _message_list(value: Any, *, role_key: str, content_key: str) -> list[Messag
         role = _SHAREGPT_ROLES.get(str(raw_role).lower()) if role_key == "from" else raw_role
         if role not in _ROLES:
             raise RowSkipped("unknown_role")
-        messages.append(_msg(role, _text(m.get(content_key, m.get("content")))))
+        messages.append(_msg(role, message_text(m.get(content_key, m.get("content")))))
     return messages
 
 
@@ -212,7 +214,7 @@ def _turns(value: Any, *, default_role: str) -> list[Message]:
     """A TRL prompt/completion field: either plain text or a list of messages."""
     if isinstance(value, list) and value and all(isinstance(m, Mapping) and "role" in m for m in value):
         return _message_list(value, role_key="role", content_key="content")
-    return [_msg(default_role, _text(value, numbers=True))]
+    return [_msg(default_role, message_text(value, numbers=True))]
 
 
 def _check_order(messages: list[Message]) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 from datasets import Features, List, Value
 
 from kitchen.data.formats import TEST_SPLIT_NAMES, RowFormat
-from kitchen.data.schemas import NormalizedRow, RowSkipped, describe_schemas, normalize_row
+from kitchen.data.schemas import NormalizedRow, RowSkipped, describe_schemas, message_text, normalize_row
 
 Message = dict[str, str]
 
@@ -182,19 +182,11 @@ def _messages(value: Any) -> list[Message]:
 
 
 def _text(value: Any) -> str:
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    """Reply or prompt text as chat rows take it (``message_text``), numbers included: a bare ``42`` or
+    ``2.5`` in a flat preference column is an answer, not a malformed row."""
+    if isinstance(value, float):
         value = str(value)
-    if value is None:
-        raise RowSkipped("missing_field")
-    if isinstance(value, list) and all(isinstance(p, Mapping) for p in value):
-        if not all(p.get("type", "text") == "text" and isinstance(p.get("text"), str) for p in value):
-            raise RowSkipped("not_a_string")
-        value = "".join(p["text"] for p in value)
-    if not isinstance(value, str):
-        raise RowSkipped("not_a_string")
-    if not value.strip():
-        raise RowSkipped("empty_content")
-    return value
+    return message_text(value, numbers=True)
 
 
 def _preview(row: Mapping[str, Any]) -> dict[str, str]:
