@@ -17,7 +17,6 @@ import dagster as dg
 import pytest
 import yaml
 from fastapi.testclient import TestClient
-from test_supervised_workflow import tiny_run_config
 
 from jobs.feedback import BATCH_TAG, LAST_SEQ_TAG, FeedbackRetrainSettings, feedback_target
 from kitchen.manifests import BaseModelManifest, DatasetManifest, RegisteredModelManifest
@@ -30,6 +29,7 @@ from kitchen_assets.definitions import build_definitions
 from kitchen_assets.feedback import FEEDBACK_KEY
 from kitchen_assets.io import read_manifest
 from resources.local_engine import LocalServiceClient
+from tests.champion_home import home_with_tiny_champion
 
 NAME = "supervised-tiny-kitchen-arithmetic"
 REF = f"models:/{NAME}@champion"
@@ -51,15 +51,7 @@ RETRAIN = {
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """One tiny supervised run: its champion (v1) is what is served and what retraining starts from."""
-    root = tmp_path_factory.mktemp("feedback") / "kitchen-home"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KITCHEN_HOME", str(root))
-        job = build_definitions("local").resolve_job_def("supervised_job")
-        with dg.DagsterInstance.ephemeral() as instance:
-            assert job.execute_in_process(
-                run_config=tiny_run_config(tiny_model_dir), instance=instance
-            ).success
-    return root
+    return home_with_tiny_champion(tmp_path_factory, tiny_model_dir, "feedback")
 
 
 @pytest.fixture(autouse=True)

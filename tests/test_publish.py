@@ -23,13 +23,12 @@ from typing import Any
 import dagster as dg
 import pytest
 from hub_standin import StandInHub
-from test_supervised_workflow import tiny_run_config
 
 from kitchen.cli import main
 from kitchen.manifests import DatasetManifest
 from kitchen.registry import ModelRegistry, default_tracking_uri
-from kitchen_assets.definitions import build_definitions
 from kitchen_assets.io import read_manifest
+from tests.champion_home import home_with_tiny_champion
 
 NAME = "supervised-tiny-kitchen-arithmetic"
 REF = f"models:/{NAME}@champion"
@@ -41,15 +40,7 @@ CANARY = "hf_canaryTOKEN0123456789abcdefXYZ"
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """One tiny supervised run for the module: its registered champion is what every test exports."""
-    root = tmp_path_factory.mktemp("publish") / "kitchen-home"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KITCHEN_HOME", str(root))
-        job = build_definitions("local").resolve_job_def("supervised_job")
-        with dg.DagsterInstance.ephemeral() as instance:
-            assert job.execute_in_process(
-                run_config=tiny_run_config(tiny_model_dir), instance=instance
-            ).success
-    return root
+    return home_with_tiny_champion(tmp_path_factory, tiny_model_dir, "publish")
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,6 @@ import dagster as dg
 import httpx
 import openai
 import pytest
-from test_supervised_workflow import tiny_run_config
 from tinker import types
 
 from kitchen import telemetry
@@ -38,13 +37,13 @@ from kitchen.registry.register import DESCRIPTOR
 from kitchen.registry.store import MODEL_ARTIFACT_DIR, WEIGHTS_HASH_TAG
 from kitchen.serve.feedback import FeedbackStore
 from kitchen.workflows import get_workflow
-from kitchen_assets.definitions import build_definitions
 from kitchen_assets.io import ManifestIOManager, read_manifest
 from kitchen_assets.workflows import workflow_assets
 from resources.local_engine import LocalServiceClient
 from resources.local_engine.checkpoints import SAMPLER_MANIFEST
 from resources.mlflow_registry import MlflowRegistry
 from resources.training import LocalBackend
+from tests.champion_home import home_with_tiny_champion
 
 NAME = "supervised-tiny-kitchen-arithmetic"
 REF = f"models:/{NAME}@champion"
@@ -59,15 +58,7 @@ DEPLOYMENT = dg.AssetKey(["supervised", "deployment"])
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """One tiny supervised run: its champion (v1) is what the server starts on."""
-    root = tmp_path_factory.mktemp("serve") / "kitchen-home"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KITCHEN_HOME", str(root))
-        job = build_definitions("local").resolve_job_def("supervised_job")
-        with dg.DagsterInstance.ephemeral() as instance:
-            assert job.execute_in_process(
-                run_config=tiny_run_config(tiny_model_dir), instance=instance
-            ).success
-    return root
+    return home_with_tiny_champion(tmp_path_factory, tiny_model_dir, "serve")
 
 
 @pytest.fixture(autouse=True)
