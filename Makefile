@@ -47,7 +47,14 @@ ui: setup
 	$(BIN)/python -m kitchen.cli.instance  # creates $(DAGSTER_HOME) with Kitchen's instance settings
 	$(BIN)/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(UI_PORT)
 
-bench: setup
+BENCH_STAMP := $(VENV)/.kitchen-bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: setup $(BENCH_STAMP)
+	$(BIN)/python bench/vs_trl.py
 	$(BIN)/python bench/training_throughput.py
 	$(BIN)/python bench/pipelining.py
 	$(BIN)/python bench/sampling_snapshot.py
