@@ -110,15 +110,22 @@ def choose_token(logits: torch.Tensor, row: RowParams, generator: torch.Generato
 def generate(
     model: Any, tokenizer: Any, rows: Sequence[RowParams], device: torch.device, pad_id: int
 ) -> list[RowResult]:
-    """Generate every row in one left-padded batch; finished rows are dropped from the batch."""
+    """Generate every row in one left-padded batch; finished rows are dropped from the batch.
+
+    Rows with the same prompt (a request's ``num_samples``, RL's group) share one prefill: each distinct
+    prompt is run once and its KV cache copied to every row that starts from it.
+    """
     results = [RowResult() for _ in rows]
     generators = [torch.Generator().manual_seed(row.seed) for row in rows]
-    width = max(len(row.prompt) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row.prompt) :] = torch.as_tensor(row.prompt, dtype=torch.long)
-        attention[i, width - len(row.prompt) :] = 1
+    distinct: dict[tuple[int, ...], int] = {}
+    source = [distinct.setdefault(tuple(row.prompt), len(distinct)) for row in rows]
+    prompts = list(distinct)
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        input_ids[i, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+        attention[i, width - len(prompt) :] = 1
     attention = attention.to(device)
     positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
     next_position = attention.sum(dim=-1, keepdim=True)
@@ -132,8 +139,13 @@ def generate(
             logits_to_keep=1,
         )
         cache = out.past_key_values
+        last_logits = out.logits[:, -1, :]
+        if len(prompts) < len(rows):
+            index = torch.tensor(source, device=device)
+            cache.batch_select_indices(index)
+            attention, next_position, last_logits = attention[index], next_position[index], last_logits[index]
         while True:
-            logits = out.logits[:, -1, :].float()
+            logits = last_logits.float()
             logprobs = torch.log_softmax(logits, dim=-1).cpu()
             logits = logits.cpu()
             chosen: list[int] = []
@@ -162,6 +174,7 @@ def generate(
                 use_cache=True,
             )
             cache = out.past_key_values
+            last_logits = out.logits[:, -1, :]
             next_position = next_position + 1
 
 

@@ -64,6 +64,14 @@ class LossFn:
     """A datum's inputs checked before any work: the problem, or ``None`` when they are fine."""
     needs_provenance: bool = False
     """Datums must carry ``loss_fn_input_spans`` naming sequences recorded at sampling time."""
+    grad_input: str | None = None
+    """The per-token input where zero means the loss has no gradient at that token (cross-entropy's
+    weights, the policy losses' advantages), so the engine skips back-propagating the vocabulary projection
+    there; ``None``: every token may have one (DRO's quadratic term does without an advantage)."""
+
+    def grad_positions(self, inputs: Inputs) -> torch.Tensor | None:
+        """Per token, whether the loss can have a gradient there (``None``: everywhere)."""
+        return None if self.grad_input is None else inputs[self.grad_input] != 0
 
     def check_config(self, config: LossConfig | None) -> dict[str, float]:
         """The full config, defaults filled in, or one ``ValueError`` naming what is wrong."""
@@ -177,14 +185,15 @@ _RL_INPUTS = ("target_tokens", "logprobs", "advantages")
 LOSS_FNS: dict[str, LossFn] = {
     loss.name: loss
     for loss in (
-        LossFn("cross_entropy", ("target_tokens", "weights"), _summed(_cross_entropy)),
-        LossFn("importance_sampling", _RL_INPUTS, _summed(_importance_sampling)),
+        LossFn("cross_entropy", ("target_tokens", "weights"), _summed(_cross_entropy), grad_input="weights"),
+        LossFn("importance_sampling", _RL_INPUTS, _summed(_importance_sampling), grad_input="advantages"),
         LossFn(
             "ppo",
             _RL_INPUTS,
             _summed(_ppo),
             config={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
             check=_check_clip,
+            grad_input="advantages",
         ),
         LossFn(
             "cispo",
@@ -192,6 +201,7 @@ LOSS_FNS: dict[str, LossFn] = {
             _summed(_cispo),
             config={"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
             check=_check_clip,
+            grad_input="advantages",
         ),
         LossFn("dro", _RL_INPUTS, _summed(_dro), config={"beta": None}, check=_check_beta),
         LossFn(
@@ -201,8 +211,15 @@ LOSS_FNS: dict[str, LossFn] = {
             config={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
             check=_check_clip,
             check_inputs=_some_ratio_token,
+            grad_input="advantages",
         ),
-        LossFn("stable_reinforce", _RL_INPUTS, _summed(_importance_sampling), needs_provenance=True),
+        LossFn(
+            "stable_reinforce",
+            _RL_INPUTS,
+            _summed(_importance_sampling),
+            needs_provenance=True,
+            grad_input="advantages",
+        ),
     )
 }
 
