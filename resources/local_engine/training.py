@@ -166,8 +166,8 @@ class LocalTrainingClient:
         self._model = _lora_model(base_model, rank, self.seed, runtime, self.targets)
         self._params = [(name, p) for name, p in self._model.named_parameters() if p.requires_grad]
         # Hyperparameters are set from each optim_step's AdamParams; these are placeholders.
-        # foreach: one kernel per step for all ~400 LoRA tensors instead of a dozen per tensor, bit for bit
-        # the same result as the per-tensor loop (fused=True is faster still but rounds differently).
+        # foreach: each of AdamW's dozen operations runs once over all ~400 LoRA tensors instead of once per
+        # tensor, bit for bit the result of the per-tensor loop (fused=True would round differently).
         self._optimizer = torch.optim.AdamW(
             [p for _, p in self._params], lr=0.0, weight_decay=0.0, foreach=True
         )
