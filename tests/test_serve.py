@@ -170,6 +170,13 @@ def test_openai_client_plain_and_streaming(server: Server, engine: LocalServiceC
     [kept] = [f for f in FeedbackStore(home / "feedback.db").feedback() if f.completion_id == completion.id]
     assert (kept.messages, kept.reply, kept.model_version) == (QUESTION, texts[0], f"{NAME}/1")
     assert (kept.rating, kept.correction) == ("down", "42")
+    # ... and announced to the telemetry sinks: the JSONL sink's file for the serving session.
+    session = server.health()["session"]
+    lines = [json.loads(line) for line in (home / "telemetry" / f"{session}.jsonl").read_text().splitlines()]
+    [received] = [e for e in lines if e["metadata"]["completion_id"] == completion.id]
+    assert received["name"] == "kitchen.feedback.received"
+    assert received["metadata"]["feedback_id"] == rated.json()["id"] == kept.id
+    assert (received["metadata"]["model_version"], received["metadata"]["rating"]) == (f"{NAME}/1", "down")
 
     # Several seeded choices, the name without models:/, and the same answers streamed.
     texts, _, _ = expected(engine, "1", QUESTION, n=2, max_tokens=12, temperature=0.8, top_p=0.95, seed=11)

@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from tinker import types
 
+from kitchen import telemetry
 from kitchen.serve import Batcher, ModelSource, ServeSettings, create_app
 from kitchen.serve.feedback import FeedbackStore
 from resources.local_engine import LocalSamplingClient, LocalServiceClient
@@ -246,6 +247,29 @@ def test_deployment_asset_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_feedback_is_kept_with_the_prompt_reply_and_version(http: TestClient, feedback_db: Path) -> None:
+    received: list[telemetry.TelemetryEvent] = []
+    with telemetry.attached_handler("serve-feedback-test", telemetry.FEEDBACK_RECEIVED, received.append):
+        _feedback_round_trip(http, feedback_db)
+    # kitchen.feedback.received: one per stored POST /v1/feedback, none for a refused one, no texts.
+    stored = FeedbackStore(feedback_db).feedback()
+    session = http.get("/health").json()["session"]
+    assert session.startswith("serve-")
+    assert [(e.metadata["run_id"], e.metadata["workflow"]) for e in received] == [(session, "serve")] * 3
+    assert [e.metadata["feedback_id"] for e in received] == [f.id for f in stored]
+    assert [(e.measurements["seq"], e.measurements["choice_index"]) for e in received] == [
+        (f.seq, f.choice_index) for f in stored
+    ]
+    assert [(e.metadata["rating"], e.metadata["corrected"]) for e in received] == [
+        ("down", True),
+        (None, False),
+        ("up", False),
+    ]
+    assert [e.measurements.get("score") for e in received] == [None, 0.5, None]
+    assert all(e.metadata["model_version"] == "tiny" for e in received)
+    assert all("42" not in e.metadata.values() for e in received)  # never the correction's text
+
+
+def _feedback_round_trip(http: TestClient, feedback_db: Path) -> None:
     body = chat(http, max_tokens=8, temperature=1.0, seed=1, n=2).json()
     cid, replies = body["id"], [c["message"]["content"] for c in body["choices"]]
     down = http.post("/v1/feedback", json={"completion_id": cid, "rating": "down", "correction": "42"})

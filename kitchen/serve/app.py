@@ -33,10 +33,11 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tinker import types
 
+from kitchen import telemetry
 from kitchen.contract import ResultFuture
 from kitchen.data.datums import generation_prompt
 from kitchen.serve.batching import Batcher, wait_result
-from kitchen.serve.feedback import FeedbackStore, UnknownCompletion
+from kitchen.serve.feedback import Feedback, FeedbackStore, UnknownCompletion
 from kitchen.serve.schema import (
     AssistantMessage,
     ChatCompletion,
@@ -54,12 +55,18 @@ from kitchen.serve.schema import (
     Usage,
 )
 from kitchen.serve.source import ModelSource, Served
+from kitchen.telemetry.events import FEEDBACK_RECEIVED
 
 log = logging.getLogger("kitchen.serve")
 
 VERSION_HEADER = "X-Kitchen-Model-Version"
 _Body = TypeVar("_Body", bound=BaseModel)
 API_KEY_ENV = "KITCHEN_SERVE_API_KEY"
+
+
+def new_session_id() -> str:
+    """``serve-<UTC time>-<random>``: sorts by start time, usable as a file name."""
+    return f"serve-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,9 @@ class ServeSettings:
     max_n: int = 8
     batch_window_s: float = 0.005
     max_batch: int = 32
+    session: str = field(default_factory=new_session_id)
+    """The telemetry ``run_id`` of this server's events (``kitchen.feedback.received``): the JSONL sink
+    writes them to ``$KITCHEN_HOME/telemetry/<session>.jsonl``."""
 
 
 class APIError(Exception):
@@ -156,6 +166,7 @@ def create_app(
             "serving_since": served.since,
             "last_checked": source.last_checked,
             "last_error": source.last_error,
+            "session": settings.session,
             "batching": {
                 "submissions": batcher.stats.submissions,
                 "requests": batcher.stats.requests,
@@ -272,6 +283,7 @@ def create_app(
         except UnknownCompletion as err:
             raise APIError(404, str(err), param="completion_id", code="completion_not_found") from err
         log.info("%s on %s (%s)", stored.id, stored.completion_id, stored.model_version)
+        await asyncio.to_thread(_feedback_received, stored, settings.session)
         receipt = FeedbackReceipt(
             id=stored.id,
             created=int(stored.created),
@@ -282,6 +294,27 @@ def create_app(
         return JSONResponse(receipt.model_dump(), headers={VERSION_HEADER: stored.model_version})
 
     return app
+
+
+def _feedback_received(stored: Feedback, session: str) -> None:
+    """``kitchen.feedback.received`` for one stored POST: ids, version and what kind of feedback, never
+    the texts (sinks are logs)."""
+    measurements: dict[str, float] = {"seq": stored.seq, "choice_index": stored.choice_index}
+    if stored.score is not None:
+        measurements["score"] = stored.score
+    telemetry.emit(
+        FEEDBACK_RECEIVED,
+        measurements,
+        {
+            "run_id": session,
+            "workflow": "serve",
+            "feedback_id": stored.id,
+            "completion_id": stored.completion_id,
+            "model_version": stored.model_version,
+            "rating": stored.rating,
+            "corrected": stored.correction is not None,
+        },
+    )
 
 
 def _messages(chat: ChatCompletionRequest) -> list[dict[str, str]]:
