@@ -11,16 +11,21 @@ import asyncio
 import json
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from test_registry_support import fake_trained_model, register
 from tinker import types
 
 from kitchen import telemetry
-from kitchen.serve import Batcher, ModelSource, ServeSettings, create_app
+from kitchen.registry import ModelRegistry
+from kitchen.registry.names import parse_model_ref
+from kitchen.serve import Batcher, ModelSource, RegistryLocator, SamplerLocator, ServeSettings, create_app
 from kitchen.serve.feedback import FeedbackStore
+from resources.futures import EngineFuture, resolved
 from resources.local_engine import LocalSamplingClient, LocalServiceClient
 
 KEY = "serve-test-key-0123456789"
@@ -88,7 +93,7 @@ def decode(sampler: LocalSamplingClient, sequence: types.SampledSequence) -> str
 
 
 def chat(http: TestClient, **body: Any) -> Any:
-    return http.post("/v1/chat/completions", json={"model": "tiny", "messages": QUESTION, **body})
+    return chat_as(http, "tiny", **body)
 
 
 def test_greedy_completion_matches_the_sampler(http: TestClient, sampler: LocalSamplingClient) -> None:
@@ -349,3 +354,69 @@ def test_a_failing_registry_check_keeps_the_served_version(sampler: LocalSamplin
     assert source.refresh() is True and source.served.version == "m/2" and source.last_error is None
     assert source.refresh() is False  # unchanged: nothing reopened
     assert locator.opened == ["path-of-m/1", "path-of-m/2"]
+
+
+class TinkerStandIn:
+    """Test-only: what ``kitchen serve`` asks of Tinker's ``ServiceClient``, a sampling client for a
+    ``tinker://`` sampler path; it answers with the tiny model's local sampler (the same contract)."""
+
+    def __init__(self, sampler: LocalSamplingClient) -> None:
+        self.sampler = sampler
+        self.opened: list[str] = []
+
+    def create_sampling_client(self, model_path: str) -> EngineFuture[LocalSamplingClient]:
+        if not model_path.startswith("tinker://"):
+            raise ValueError(f"the Tinker stand-in holds tinker:// paths only, not {model_path!r}")
+        self.opened.append(model_path)
+        return resolved(self.sampler)
+
+
+def test_a_tinker_trained_version_is_served_from_its_sampler_path(
+    sampler: LocalSamplingClient, tmp_path: Path
+) -> None:
+    """A Tinker-trained version keeps its weights on Tinker: the registry names a ``tinker://`` sampler
+    path, which the server opens through the backend's ``create_sampling_client`` like any other path.
+    Offline, the stand-in plays Tinker; the alias, the path, the version in answers and feedback, and a
+    bare ``tinker://`` reference are the server's part, checked here."""
+    registry = ModelRegistry(
+        f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=(tmp_path / "mlruns").as_uri()
+    )
+    trained = fake_trained_model(tmp_path, seed=40, exact_match=0.5, tinker=True)
+    path = register(registry, trained, "run-tinker", name="tinker-sft").manifest.source
+    assert path == "tinker://session-40/sampler_weights/final"
+    locator = RegistryLocator(registry, parse_model_ref("models:/tinker-sft@champion"))
+    assert locator.backend() == "tinker"  # so `kitchen serve` opens it with the Tinker backend
+    tinker = TinkerStandIn(sampler)
+    sequences, _ = expected(sampler, QUESTION, max_tokens=8, temperature=0.0)
+    store = FeedbackStore(tmp_path / "feedback.db")
+
+    @contextmanager
+    def serve(source: ModelSource) -> Iterator[TestClient]:
+        with TestClient(create_app(source, ServeSettings(), store)) as client:
+            yield client
+
+    registered = ModelSource(
+        locator, lambda p: tinker.create_sampling_client(model_path=p).result(), poll_s=None
+    )
+    with serve(registered) as http:
+        body = chat_as(http, "tinker-sft@champion", max_tokens=8, temperature=0).json()
+        assert body["model"] == "tinker-sft/1"
+        assert body["choices"][0]["message"]["content"] == decode(sampler, sequences[0])
+        rated = http.post("/v1/feedback", json={"completion_id": body["id"], "rating": "up"})
+        assert rated.status_code == 200 and rated.json()["model"] == "tinker-sft/1"
+    assert tinker.opened == [path]
+
+    bare = ModelSource(
+        SamplerLocator(path), lambda p: tinker.create_sampling_client(model_path=p).result(), poll_s=None
+    )
+    with serve(bare) as http:
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [path]
+        body = chat_as(http, path, max_tokens=8, temperature=0).json()
+        assert body["model"] == path
+        assert body["choices"][0]["message"]["content"] == decode(sampler, sequences[0])
+    assert tinker.opened == [path, path]
+    assert [(f.model_version, f.rating) for f in store.feedback()] == [("tinker-sft/1", "up")]
+
+
+def chat_as(http: TestClient, model: str, **body: Any) -> Any:
+    return http.post("/v1/chat/completions", json={"model": model, "messages": QUESTION, **body})
