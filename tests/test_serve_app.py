@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from test_registry_support import fake_trained_model, register
 from tinker import types
 
 from kitchen import telemetry
+from kitchen.contract import StreamingSamplingClient
 from kitchen.registry import ModelRegistry
 from kitchen.registry.names import parse_model_ref
 from kitchen.serve import Batcher, ModelSource, RegistryLocator, SamplerLocator, ServeSettings, create_app
@@ -144,11 +146,71 @@ def test_streaming_sends_the_same_answer_as_sse(http: TestClient, sampler: Local
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == "tiny" for c in chunks)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    assert text == decode(sampler, sequences[0])
+    pieces = [c["choices"][0]["delta"].get("content") for c in chunks[1:] if c["choices"]]
+    assert "".join(p or "" for p in pieces) == decode(sampler, sequences[0])
+    assert len([p for p in pieces if p]) > 1  # sent as it formed, not as one piece at the end
     finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
     assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == prompt_tokens
+
+
+class HeldBack:
+    """Test-only ``StreamingSamplingClient``: reports the local sampler's tokens at once but holds the
+    result back until released, so text that reaches the client before the release was streamed."""
+
+    def __init__(self, inner: LocalSamplingClient) -> None:
+        self.inner = inner
+        self.release = threading.Event()
+        self.timed_out = False
+
+    def sample(self, prompt: types.ModelInput, n: int, params: types.SamplingParams) -> Any:
+        return self.inner.sample(prompt, n, params)
+
+    def compute_logprobs(self, prompt: types.ModelInput) -> Any:
+        return self.inner.compute_logprobs(prompt)
+
+    def get_tokenizer(self) -> Any:
+        return self.inner.get_tokenizer()
+
+    def sample_streaming(
+        self, prompt: types.ModelInput, n: int, params: types.SamplingParams, on_token: Any
+    ) -> EngineFuture[types.SampleResponse]:
+        response = self.inner.sample(prompt, n, params).result()
+        held: EngineFuture[types.SampleResponse] = EngineFuture()
+
+        def play() -> None:
+            for index, sequence in enumerate(response.sequences):
+                for token in sequence.tokens:
+                    on_token(index, token)
+            self.timed_out = not self.release.wait(30)
+            held.set_result(response)
+
+        threading.Thread(target=play, daemon=True).start()
+        return held
+
+
+def test_streamed_text_arrives_before_the_generation_ends(
+    service: LocalServiceClient, tiny_model_dir: Path, sampler: LocalSamplingClient
+) -> None:
+    client = HeldBack(sampler)
+    assert isinstance(client, StreamingSamplingClient)
+    source = ModelSource(BaseLocator(tiny_model_dir), lambda _: client, poll_s=None)  # type: ignore[arg-type,return-value]
+    [sequence], _ = expected(sampler, QUESTION, max_tokens=10, temperature=0.0)
+    whole, streamed = decode(sampler, sequence), ""
+    request = {"model": "tiny", "messages": QUESTION, "max_tokens": 10, "temperature": 0, "stream": True}
+    with (
+        TestClient(create_app(source, ServeSettings())) as http,
+        http.stream("POST", "/v1/chat/completions", json=request) as response,
+    ):
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            for choice in json.loads(line[6:])["choices"]:
+                assert choice["finish_reason"] is None or client.release.is_set()
+                streamed += choice["delta"].get("content") or ""
+            if streamed == whole:
+                client.release.set()  # the whole reply arrived while its result was still held back
+    assert streamed == whole and not client.timed_out
 
 
 @pytest.mark.parametrize(
