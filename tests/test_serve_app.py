@@ -468,6 +468,16 @@ def test_a_tinker_trained_version_is_served_from_its_sampler_path(
         assert rated.status_code == 200 and rated.json()["model"] == "tinker-sft/1"
     assert tinker.opened == [path]
 
+    pinned = ModelSource(  # a fixed version, as `kitchen serve models:/NAME/1` serves it
+        RegistryLocator(registry, parse_model_ref("models:/tinker-sft/1")),
+        lambda p: tinker.create_sampling_client(model_path=p).result(),
+        poll_s=None,
+    )
+    with serve(pinned) as http:
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["tinker-sft/1"]
+        assert chat_as(http, "tinker-sft/1", max_tokens=8, temperature=0).json()["model"] == "tinker-sft/1"
+    assert tinker.opened == [path, path]
+
     bare = ModelSource(
         SamplerLocator(path), lambda p: tinker.create_sampling_client(model_path=p).result(), poll_s=None
     )
@@ -476,7 +486,7 @@ def test_a_tinker_trained_version_is_served_from_its_sampler_path(
         body = chat_as(http, path, max_tokens=8, temperature=0).json()
         assert body["model"] == path
         assert body["choices"][0]["message"]["content"] == decode(sampler, sequences[0])
-    assert tinker.opened == [path, path]
+    assert tinker.opened == [path, path, path]
     assert [(f.model_version, f.rating) for f in store.feedback()] == [("tinker-sft/1", "up")]
 
 
