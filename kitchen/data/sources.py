@@ -19,8 +19,6 @@ import io
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from typing import Any, Literal, TypeAlias
 import datasets
 from datasets import Dataset, DatasetDict
 
+from kitchen.atomic import atomic_directory
 from kitchen.data.builtin import builtin_dataset, get_builtin, list_builtin_datasets
 from kitchen.data.formats import CHAT, RowFormat
 from kitchen.data.schemas import MAX_SKIPPED_EXAMPLES, NormalizedRow, SchemaError
@@ -165,21 +164,15 @@ def save_dataset(loaded: LoadedDataset, out_dir: str | Path | None = None) -> Pa
     root.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", loaded.name.strip("/")).strip("._")[-60:] or "dataset"
     target = root / f"{slug}-{loaded.content_hash[:16]}"
-    if (target / "dataset_dict.json").exists():
+    if _saved(target):
         return target
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    try:
+    with atomic_directory(target, already_done=_saved) as staging:  # a concurrent writer may win: fine
         loaded.dataset.save_to_disk(str(staging))
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "dataset_dict.json").exists():  # a concurrent writer won the race: fine
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
+
+
+def _saved(directory: Path) -> bool:
+    return (directory / "dataset_dict.json").exists()
 
 
 def load_saved_dataset(path: str | Path) -> DatasetDict:
