@@ -94,6 +94,7 @@ def dataset_asset(workflow: Workflow) -> dg.AssetsDefinition:
                 "test_split": manifest.test_split_source,
                 "skipped_rows": dg.MetadataValue.json(manifest.skipped_rows),
                 "skipped_examples": dg.MetadataValue.json(manifest.skipped_examples),
+                "dedup": dg.MetadataValue.json(manifest.dedup),
                 "preview": dg.MetadataValue.md(markdown_table(loaded.preview_rows())),
                 "path": dg.MetadataValue.path(manifest.path),
             }

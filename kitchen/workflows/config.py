@@ -51,6 +51,11 @@ class DatasetSection(Section):
     test_size: float = Field(default=0.1, gt=0.0, lt=1.0, description="Held-out fraction when no test split.")
     max_rows: int | None = Field(default=None, ge=1, description="Cap on training rows (after normalising).")
     data_seed: int = Field(default=0, ge=0, description="Seed for splitting and built-in generation.")
+    dedup: Literal["all", "heldout", "off"] = Field(
+        default="all",
+        description="Exact duplicates (normalised text) to remove: 'all' (within train, within held-out, and "
+        "held-out rows whose prompt is in train), 'heldout' (the held-out split only), 'off'.",
+    )
 
     def load(self, row_format: RowFormat | None = None) -> LoadedDataset:
         """The source with these settings, normalised to ``row_format`` (chat when None), skips counted:
@@ -65,6 +70,7 @@ class DatasetSection(Section):
             max_rows=self.max_rows,
             revision=self.dataset_revision,
             row_format=CHAT if row_format is None else row_format,
+            dedup=self.dedup,
         )
 
 
