@@ -137,6 +137,7 @@ class EvalManifest(Manifest):
         default=None,
         description="The eval gate's verdict when the report records one (registration reads it).",
     )
+    judge_model: str | None = Field(default=None, description="The LLM judge's model, when a judge ran.")
 
 
 class RegisteredModelManifest(Manifest):

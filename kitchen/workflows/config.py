@@ -57,6 +57,28 @@ class DatasetSection(Section):
         "held-out rows whose prompt is in train), 'heldout' (the held-out split only), 'off'.",
     )
 
+    decontaminate: bool = Field(
+        default=False,
+        description="Drop held-out rows whose prompt is a near duplicate of a training prompt (sentence "
+        "embeddings + the vector store; opt-in: about 30 s for kitchen/arithmetic on 2 CPU cores, cached "
+        "after).",
+    )
+    # Measured by bench/decontamination.py on 24 hand-written chat requests with all-MiniLM-L6-v2:
+    # paraphrases score 0.70-0.97 (median 0.88); a different request's nearest other request at most 0.78.
+    # 0.85 flags no distinct request with a 0.07 margin and catches 15 of 24 paraphrases (0.80: 20 of 24,
+    # a 0.02 margin). Templated prompts ("What is 68 + 81?") score above 0.8 whatever their numbers.
+    decontaminate_threshold: float = Field(
+        default=0.85,
+        gt=0.0,
+        le=1.0,
+        description="Cosine similarity at or above which a held-out prompt counts as a near duplicate "
+        "(0.85: measured for all-MiniLM-L6-v2, README).",
+    )
+    decontaminate_keep: bool = Field(
+        default=False,
+        description="Only flag near duplicates in the metadata; keep them in the held-out split.",
+    )
+
     def load(self, row_format: RowFormat | None = None) -> LoadedDataset:
         """The source with these settings, normalised to ``row_format`` (chat when None), skips counted:
         every workflow's ``load_dataset`` is this with its own row format."""
