@@ -53,7 +53,7 @@ def evaluate_supervised(ctx: EvalContext) -> Evaluation:
         path.write_text(json.dumps(result.lm_eval, indent=1))
         files[f"lm_eval_{label}"] = str(path)
     seconds = {"base": base.seconds, "trained": trained.seconds}
-    if config.judge:
+    if getattr(config, "judge", False):  # a workflow reusing this evaluation may have no judge settings
         if ctx.judge is None:
             raise ValueError("the judge was asked for (--judge) but no llm resource was given")
         started = time.perf_counter()
