@@ -216,11 +216,50 @@ def tiny_sampler(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     return engine.create_sampling_client(base_model=str(tiny_model_dir)).result()
 
 
-@pytest.mark.parametrize("name", ["openai-compatible", "kitchen-sampling"])
+@pytest.fixture(scope="module")
+def kitchen_serve(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``kitchen serve``'s app on the tiny model's base weights, served by uvicorn on a free port."""
+    import uvicorn
+
+    from kitchen.serve import ModelSource, ServeSettings, create_app
+    from resources.local_engine import LocalServiceClient
+
+    class Base:
+        name = "tiny"
+
+        def current_version(self) -> str:
+            return "tiny"
+
+        def sampler_path(self, version: str) -> str:
+            return str(tiny_model_dir)
+
+    engine = LocalServiceClient(root=tmp_path_factory.mktemp("serve-engine"))
+    source = ModelSource(
+        Base(), lambda path: engine.create_sampling_client(base_model=path).result(), poll_s=None
+    )
+    app = create_app(source, ServeSettings(api_key=KEY))
+    url = closed_port_url()
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "kitchen serve did not start"
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("name", ["openai-compatible", "kitchen-sampling", "kitchen-serve"])
 def test_llm_contract(name: str, stand_in: StandIn, api_key: None, request: pytest.FixtureRequest) -> None:
     client: LLMClient
     if name == "openai-compatible":
         client = OpenAIChatClient(stand_in.url, "stand-in", "KITCHEN_TEST_KEY", timeout_s=5, max_retries=0)
+    elif name == "kitchen-serve":
+        url = request.getfixturevalue("kitchen_serve")
+        client = OpenAIChatClient(url, "tiny", "KITCHEN_TEST_KEY", timeout_s=30, max_retries=0)
     else:
         client = SamplingChatClient(request.getfixturevalue("tiny_sampler"), "tiny")
     assert isinstance(client, LLMClient) and client.model_id
@@ -230,7 +269,17 @@ def test_llm_contract(name: str, stand_in: StandIn, api_key: None, request: pyte
     assert response.prompt_tokens > 0 and 0 <= response.completion_tokens <= 4
     assert response.latency_s >= 0
     again = client.chat(messages, max_tokens=4, temperature=0.0)
-    assert again.content == response.content  # temperature 0 is deterministic on both
+    assert again.content == response.content  # temperature 0 is deterministic on every implementation
+
+
+def test_kitchen_serve_and_the_sampling_client_answer_alike(
+    kitchen_serve: str, tiny_sampler: Any, api_key: None
+) -> None:
+    """The same weights behind the HTTP endpoint and behind the in-process client: the same greedy reply."""
+    messages = [{"role": "user", "content": "What is 17 + 25?"}]
+    served = OpenAIChatClient(kitchen_serve, "tiny", "KITCHEN_TEST_KEY", timeout_s=30, max_retries=0)
+    local = SamplingChatClient(tiny_sampler, "tiny")
+    assert served.chat(messages, max_tokens=6).content.strip() == local.chat(messages, max_tokens=6).content
 
 
 # -- vector stores ----------------------------------------------------------------------------------
@@ -289,3 +338,48 @@ def test_unreachable_chroma_server_is_one_clear_error() -> None:
     with pytest.raises(VectorStoreError, match="cannot open Chroma at http") as error:
         ChromaVectorStore(url=closed_port_url().removesuffix("/v1")).count("abc")
     assert "\n" not in str(error.value)
+
+
+# -- which implementation the environment binds -------------------------------------------------------
+
+
+def test_the_environment_chooses_each_resource(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kitchen_assets.definitions import embeddings_resource, llm_resource, vector_store_resource
+    from resources.llm import KitchenSamplingLLM, OpenAICompatibleLLM
+
+    for name in (
+        "KITCHEN_EMBEDDINGS_URL",
+        "KITCHEN_EMBEDDINGS_MODEL",
+        "KITCHEN_VECTOR_STORE",
+        "KITCHEN_LLM_URL",
+        "KITCHEN_LLM_MODEL",
+        "KITCHEN_LLM_KEY_ENV",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    assert isinstance(embeddings_resource(), SentenceTransformerEmbeddings)
+    assert isinstance(vector_store_resource(), InMemoryVectorStore)
+    assert isinstance(llm_resource(), KitchenSamplingLLM)
+
+    monkeypatch.setenv("KITCHEN_EMBEDDINGS_URL", "http://emb.example/v1")
+    with pytest.raises(ValueError, match="KITCHEN_EMBEDDINGS_MODEL is not"):
+        embeddings_resource()
+    monkeypatch.setenv("KITCHEN_EMBEDDINGS_MODEL", "text-embedding-3-small")
+    assert isinstance(embeddings_resource(), OpenAIEmbeddings)
+
+    monkeypatch.setenv("KITCHEN_VECTOR_STORE", "http://chroma.example:8000")
+    store = vector_store_resource()
+    assert isinstance(store, ChromaVectorStore) and store.url == "http://chroma.example:8000"
+    monkeypatch.setenv("KITCHEN_VECTOR_STORE", "faiss")
+    with pytest.raises(ValueError, match="expected memory, chroma or a Chroma server URL"):
+        vector_store_resource()
+
+    monkeypatch.setenv("KITCHEN_LLM_URL", "http://localhost:8000/v1")
+    with pytest.raises(ValueError, match="KITCHEN_LLM_MODEL is not"):
+        llm_resource()
+    monkeypatch.setenv("KITCHEN_LLM_MODEL", "judge")
+    monkeypatch.setenv("KITCHEN_LLM_KEY_ENV", "KITCHEN_SERVE_API_KEY")
+    llm = llm_resource()
+    assert isinstance(llm, OpenAICompatibleLLM) and llm.api_key_env == "KITCHEN_SERVE_API_KEY"
+    monkeypatch.setenv("KITCHEN_LLM_KEY_ENV", "")
+    keyless = llm_resource()  # a local endpoint that takes no key
+    assert isinstance(keyless, OpenAICompatibleLLM) and keyless.api_key_env is None
