@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kitchen.data import load_dataset_source
@@ -122,3 +123,80 @@ def test_every_workflow_section_passes_its_dedup_setting() -> None:
     assert RLDatasetSection().dedup == "heldout"  # the cookbook's i.i.d. problem draws repeat
     loaded = DatasetSection(dataset="kitchen/arithmetic", max_rows=64, dedup="all").load()
     assert loaded.dedup.mode == "all" and loaded.dedup.removed == 0  # distinct by construction
+
+
+# -- near duplicates (kitchen.data.decontaminate) with a stand-in embedder ------------------------------
+
+
+class TopicEmbedder:
+    """Vectors by topic word: rows about the same topic are near copies (cosine 0.99), others orthogonal."""
+
+    TOPICS = ("cat", "dog", "tea", "sea", "car")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.seen: list[str] = []
+
+    @property
+    def model_id(self) -> str:
+        return "topics"
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.calls += len(texts)
+        self.seen += texts
+        rows = []
+        for text in texts:
+            row = [1.0 if t in text.lower() else 0.0 for t in self.TOPICS] + [0.14]
+            rows.append(row)
+        array = np.asarray(rows, dtype=np.float32)
+        return array / np.linalg.norm(array, axis=1, keepdims=True)
+
+
+def fewshot(question: str, reply: str) -> dict[str, object]:
+    """An RL-style prompt: the same worked example before every question."""
+    return {
+        "messages": [
+            {"role": "user", "content": "Tell me about the car."},
+            {"role": "assistant", "content": "It drives."},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": reply},
+        ]
+    }
+
+
+def test_decontamination_drops_near_copies_counts_them_and_caches_vectors(tmp_path: Path) -> None:
+    from kitchen.data.decontaminate import decontaminate
+    from resources.vector_store import InMemoryVectorStore
+
+    data = tmp_path / "d"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", [fewshot("Describe a cat.", "x"), fewshot("Describe a dog.", "y")])
+    test = [fewshot("Say something on cats", "a"), fewshot("Brew tea how?", "b"), fewshot("The sea?", "c")]
+    write_jsonl(data / "test.jsonl", test)
+    loaded = load_dataset_source(str(data))
+    embedder, store, cache = TopicEmbedder(), InMemoryVectorStore(), tmp_path / "cache"
+
+    cleaned, report = decontaminate(loaded, embedder, store, threshold=0.9, cache_dir=cache)
+    # Only the cat question is near a training question; the shared few-shot "car" turn is not embedded.
+    assert (report.test_rows, report.flagged, report.dropped) == (3, 1, 1)
+    assert [r["messages"][2]["content"] for r in cleaned.dataset["test"]] == ["Brew tea how?", "The sea?"]
+    assert (
+        report.pairs[0]["test"] == "Say something on cats" and report.pairs[0]["train"] == "Describe a cat."
+    )
+    assert report.pairs[0]["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert not any("car" in text for text in embedder.seen)  # the few-shot turn is not what is compared
+    assert cleaned.content_hash != loaded.content_hash and cleaned.train_rows == loaded.train_rows
+    assert report.embedded == 5 and embedder.calls == 5
+
+    kept, again = decontaminate(
+        loaded, embedder, InMemoryVectorStore(), threshold=0.9, drop=False, cache_dir=cache
+    )
+    assert (again.flagged, again.dropped, again.embedded) == (1, 0, 0) and embedder.calls == 5  # cached
+    assert kept.test_rows == 3 and not again.warning
+
+    with pytest.raises(DatasetSourceError, match="all 3 held-out rows are near duplicates"):
+        decontaminate(loaded, embedder, store, threshold=0.01, cache_dir=cache)
+    _, mostly = decontaminate(loaded, embedder, store, threshold=0.01, drop=False, cache_dir=cache)
+    assert "templated prompts" in mostly.as_dict()["warning"]
+    with pytest.raises(ValueError, match="threshold"):
+        decontaminate(loaded, embedder, store, threshold=1.5, cache_dir=cache)

@@ -1,7 +1,8 @@
 """Near-duplicate decontamination: held-out rows whose prompt is a near copy of a training prompt.
 
 Exact copies are gone already (``kitchen.data.dedup``); this catches paraphrases and light edits. The
-prompts (user turns, as ``dedup.prompt_text`` reads them) are embedded, the training prompts indexed in
+requests (each row's last user turn, ``dedup.request_text``: a few-shot prefix shared by every row would
+make all prompts look alike) are embedded, the training prompts indexed in
 the vector store, and each held-out prompt's nearest training prompt looked up; at or above
 ``threshold`` cosine similarity (default: ``DatasetSection.decontaminate_threshold``, where the measured
 justification is) the held-out row is flagged, and dropped unless told to keep it.
@@ -23,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from datasets import Dataset, DatasetDict
 
-from kitchen.data.dedup import prompt_text
+from kitchen.data.dedup import request_text
 from kitchen.data.sources import DatasetSourceError, LoadedDataset, content_hash
 from kitchen.home import home_dir
 from kitchen.ports.embeddings import Embedder, EmbeddingError
@@ -162,9 +163,9 @@ def decontaminate(
         raise ValueError(f"decontamination threshold {threshold} must be in (0, 1]")
     started = time.perf_counter()
     train, test = loaded.dataset["train"], loaded.dataset["test"]
-    train_prompts = [prompt_text(row) for row in train.to_list()]
+    train_prompts = [request_text(row) for row in train.to_list()]
     test_rows = test.to_list()
-    test_prompts = [prompt_text(row) for row in test_rows]
+    test_prompts = [request_text(row) for row in test_rows]
     nearest, embedded = nearest_train(
         train_prompts, test_prompts, embedder, store, progress=progress, cache_dir=cache_dir
     )

@@ -46,14 +46,25 @@ def row_key(row: Mapping[str, Any]) -> str:
     return json.dumps(_canonical(row), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
-def prompt_text(row: Mapping[str, Any]) -> str:
-    """The row's user turns, joined by newlines (``prompt`` for preference rows, else ``messages``)."""
+def _user_turns(row: Mapping[str, Any]) -> list[str]:
     messages = row.get("prompt")
     if not isinstance(messages, list):
         messages = row.get("messages") or []
-    return "\n".join(
+    return [
         str(m.get("content") or "") for m in messages if isinstance(m, Mapping) and m.get("role") == "user"
-    )
+    ]
+
+
+def prompt_text(row: Mapping[str, Any]) -> str:
+    """The row's user turns, joined by newlines (``prompt`` for preference rows, else ``messages``)."""
+    return "\n".join(_user_turns(row))
+
+
+def request_text(row: Mapping[str, Any]) -> str:
+    """The row's last user turn: the request being answered, without a few-shot prefix or earlier turns
+    that many rows share (what near-duplicate search embeds)."""
+    turns = _user_turns(row)
+    return turns[-1] if turns else ""
 
 
 @dataclass(frozen=True)
