@@ -176,8 +176,10 @@ def test_supervised_graph_with_judge_and_decontamination(tiny_model_dir: Path) -
     flat = SupervisedConfig(
         **{
             **smoke_run_config(str(tiny_model_dir)),
+            "max_steps": 2,
+            "eval_examples": 3,
             "judge": True,
-            "judge_examples": 3,
+            "judge_examples": 2,
             "decontaminate": True,
             "decontaminate_threshold": 0.999,
             "decontaminate_keep": True,
@@ -216,9 +218,9 @@ def test_supervised_graph_with_judge_and_decontamination(tiny_model_dir: Path) -
     judge = saved["judge"]
     assert judge["model"] == report.judge_model and "impartial judge" in judge["rubric"]
     counted = judge["metrics"]
-    assert counted["judge_examples"] == 3
+    assert counted["judge_examples"] == 2
     verdicts = json.loads(Path(saved["outputs"]["judge"]).read_text())["prompts"]
-    assert len(verdicts) == 3 and all(len(p["verdicts"]) == 2 for p in verdicts)
+    assert len(verdicts) == 2 and all(len(p["verdicts"]) == 2 for p in verdicts)
     unparseable = sum(v["winner"] is None for p in verdicts for v in p["verdicts"])
     assert counted["judge_unparseable"] == unparseable  # a random tiny model answers off-format: counted
     if "judge_win_rate" in counted:
