@@ -227,3 +227,21 @@ def test_supervised_graph_with_judge_and_decontamination(tiny_model_dir: Path) -
         assert report.base["judge_win_rate"] == 0.5
         assert report.trained["judge_win_rate"] == counted["judge_win_rate"]
     assert "judge" in metadata["eval_report"]
+
+
+def test_the_judge_model_is_in_the_registered_versions_lineage(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from test_registry_support import fake_trained_model, provenance
+
+    from kitchen.registry.lineage import lineage_tags
+
+    model = fake_trained_model(tmp_path, seed=1, exact_match=0.5)
+    assert "kitchen.eval.judge_model" not in lineage_tags(model, provenance("r1"), weights_id="w")
+    judged = replace(
+        model, eval_report=model.eval_report.model_copy(update={"judge_model": "gpt-x@http://j/v1"})
+    )
+    assert (
+        lineage_tags(judged, provenance("r1"), weights_id="w")["kitchen.eval.judge_model"]
+        == "gpt-x@http://j/v1"
+    )
