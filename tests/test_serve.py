@@ -37,6 +37,7 @@ from kitchen.registry.register import DESCRIPTOR
 from kitchen.registry.store import MODEL_ARTIFACT_DIR, WEIGHTS_HASH_TAG
 from kitchen.serve.feedback import FeedbackStore
 from kitchen.workflows import get_workflow
+from kitchen_assets.definitions import service_resources
 from kitchen_assets.feedback import FEEDBACK_KEY, FeedbackSettings, feedback_asset
 from kitchen_assets.io import ManifestIOManager, read_manifest
 from kitchen_assets.workflows import workflow_assets
@@ -295,6 +296,7 @@ def _materialise_deployment(url: str) -> tuple[dg.ExecuteInProcessResult, Deploy
                     "training": LocalBackend(),
                     "registry": MlflowRegistry(),
                     "io_manager": ManifestIOManager(),
+                    **service_resources(),
                 },
                 instance=instance,
                 raise_on_error=False,
