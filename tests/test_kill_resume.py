@@ -8,10 +8,10 @@
 - ``kill -9`` of a Dagster run worker under ``dagster dev`` (run retries on): the instance marks the run
   failed, the run-retry daemon re-executes it from the failure, and the retry resumes to the same weights.
 
-The kill -9 test is parametrised by workflow (the other two run for ``supervised``): ``KILL_RESUME`` maps a workflow to the overrides of its
-``smoke_config`` that make a run long enough to interrupt (checkpoints every few steps). A new workflow
-(RL: its sampling state rides in the plan state of each checkpoint) gets these guarantees tested by adding
-its entry.
+The kill -9 test is parametrised by workflow (the other two run for ``supervised``): ``KILL_RESUME`` maps
+a workflow to the overrides of its ``smoke_config`` that make a run long enough to interrupt (checkpoints
+every few steps). A new workflow (RL: its sampling state rides in the plan state of each checkpoint) gets
+these guarantees tested by adding its entry.
 """
 
 from __future__ import annotations
