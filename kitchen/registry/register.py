@@ -26,7 +26,7 @@ from kitchen.registry.lineage import (
     run_tags,
     weights_hash,
 )
-from kitchen.registry.names import validate_model_name
+from kitchen.registry.names import parse_model_ref, validate_model_name
 from kitchen.registry.promotion import CHALLENGER, CHAMPION, PromotionDecision, decide_promotion, eval_gate
 from kitchen.registry.store import MODEL_ARTIFACT_DIR, ModelRegistry, RegistryError
 
@@ -322,6 +322,15 @@ def _refresh_eval_tags(registry: ModelRegistry, version: ModelVersion, tags: Map
             _race_safe(registry.client.set_model_version_tag, version.name, str(version.version), key, value)
 
 
+def _started_from(model: TrainedModel, name: str, version: str) -> bool:
+    """Whether ``model`` was trained from registered version ``name``/``version``."""
+    started = model.base_model.registered_version
+    if not started:
+        return False
+    ref = parse_model_ref(started)
+    return (ref.name, ref.version) == (name, version)
+
+
 def _promote(
     registry: ModelRegistry, name: str, version: str, model: TrainedModel, log: Log
 ) -> PromotionDecision:
@@ -329,10 +338,16 @@ def _promote(
     aliases = registry.aliases(name)
     champion = aliases.get(CHAMPION)
     metric = model.eval_report.primary_metric
-    champion_value = None
+    champion_value, measured_here = None, False
     if champion is not None and champion != version:
         raw = registry.version(name, champion).tags.get(f"kitchen.eval.{metric}")
         champion_value = float(raw) if raw is not None else None
+        if champion_value is None and _started_from(model, name, champion):
+            # The champion records no value for this metric (another workflow trained it, e.g. SFT before
+            # DPO on feedback), but this run started from it: the report's base column is the champion
+            # measured on this run's held-out data, beside the newcomer.
+            champion_value = model.eval_report.base.get(metric)
+            measured_here = champion_value is not None
     decision = decide_promotion(
         version=version,
         metric=metric,
@@ -341,6 +356,7 @@ def _promote(
         gate=eval_gate(model.eval_report),
         champion_version=champion,
         champion_value=champion_value,
+        champion_measured_here=measured_here,
     )
     if decision.alias == CHAMPION:
         _race_safe(client.set_registered_model_alias, name, CHAMPION, version)
