@@ -34,6 +34,7 @@ from kitchen.training.loop import read_metrics
 from kitchen.workflows import Workflow
 from kitchen.workflows.config import flatten_run_config
 from kitchen.workflows.sweep import (
+    CONFIGURATIONS_TAG,
     Outcome,
     SweepError,
     best,
@@ -111,7 +112,8 @@ def sweep_placement(workflow: Workflow) -> Placement:
 class SweepReportConfig(dg.Config):
     partitions: list[str] = Field(
         default_factory=list,
-        description="The configurations to compare (partition keys); empty: every partition of the sweep.",
+        description="The configurations to compare (partition keys); empty: the sweep's own when the run "
+        "is part of a `kitchen sweep --backfill`, else every partition of the sweep.",
     )
 
 
@@ -168,7 +170,12 @@ def sweep_report_asset(workflow: Workflow, placement: Placement) -> dg.AssetsDef
         context: dg.AssetExecutionContext, config: SweepReportConfig, registry: MlflowRegistry
     ) -> SweepReportManifest:
         instance = context.instance
-        partitions = list(config.partitions) or list(instance.get_dynamic_partitions(name))
+        tagged = context.run.tags.get(CONFIGURATIONS_TAG)
+        partitions = (
+            list(config.partitions)
+            or (json.loads(tagged) if tagged else [])
+            or list(instance.get_dynamic_partitions(name))
+        )
         if not partitions:
             raise dg.Failure(
                 description=f"no configurations to compare: `kitchen sweep {workflow.name} ...` adds them",

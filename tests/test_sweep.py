@@ -15,7 +15,14 @@ from mlflow import MlflowClient
 from kitchen.cli import main
 from kitchen.registry.store import default_tracking_uri
 from kitchen.workflows import get_workflow
-from kitchen.workflows.sweep import SweepError, config_from_key, expand, partition_key, shared_differences
+from kitchen.workflows.sweep import (
+    CONFIGURATIONS_TAG,
+    SweepError,
+    config_from_key,
+    expand,
+    partition_key,
+    shared_differences,
+)
 
 
 def test_a_key_names_its_configuration_and_reads_back() -> None:
@@ -141,11 +148,23 @@ def test_a_two_by_two_sweep_ranks_four_partitions_and_promotes_one(
     )
     assert report["best"] in out and "best first" in out
 
-    # the same command again: every partition is done, nothing trains, the report is made again
-    assert main(argv) == 0
-    assert "done earlier" in capsys.readouterr().out
+    # a third learning rate as a Dagster backfill for the daemon: only the two new partitions, then the
+    # report, which compares the sweep's six configurations (the run tag the backfill gives its runs)
+    wider = [*argv[:-4], "--learning-rate", "5e-3,2e-2,1e-2", "--lora-rank", "2,4", "--backfill"]
+    assert main(wider) == 0
+    assert "submitted backfill" in capsys.readouterr().out
+    new = {
+        partition_key(workflow, workflow.config(**fixed, learning_rate=1e-2, lora_rank=rank))
+        for rank in (2, 4)
+    }
     with dg.DagsterInstance.get() as instance:
-        assert len(instance.get_runs(dg.RunsFilter(job_name="supervised_sweep_job"))) == 4
+        (backfill,) = instance.get_backfills()
+        target = backfill.asset_backfill_data.target_subset
+        by_key = target.partitions_subsets_by_asset_key
+        assert set(by_key[dg.AssetKey(["supervised_sweep", "checkpoints"])].get_partition_keys()) == new
+        assert dg.AssetKey(["supervised_sweep", "sweep_report"]) in target.non_partitioned_asset_keys
+        assert len(json.loads(backfill.tags[CONFIGURATIONS_TAG])) == 6
+        assert len(instance.get_runs(dg.RunsFilter(job_name="supervised_sweep_job"))) == 4  # none run here
     assert len(_champion_tags(default_tracking_uri())) == 1
 
 

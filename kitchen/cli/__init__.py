@@ -68,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="show the Dagster event log and library output as it happens",
             )
+            if sweeping:
+                one.add_argument(
+                    "--backfill",
+                    action="store_true",
+                    help="submit the configurations not yet done as a Dagster backfill for the daemon "
+                    "(`make ui`) to run through its run queue, and return at once",
+                )
     from kitchen.cli.models import add_models_parser
 
     add_models_parser(sub)

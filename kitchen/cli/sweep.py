@@ -39,6 +39,7 @@ from kitchen.cli.run import (
 from kitchen.workflows import Workflow, get_workflow
 from kitchen.workflows.config import RunConfig, flatten_run_config
 from kitchen.workflows.sweep import (
+    CONFIGURATIONS_TAG,
     SweepError,
     expand,
     partition_key,
@@ -91,6 +92,8 @@ def sweep_workflow(args: argparse.Namespace) -> int:
             )
             done = _materialised(instance, workflow, keys)
             sweep_id = uuid.uuid4().hex[:8]
+            if args.backfill:
+                return _submit_backfill(defs, instance, workflow, configs, done, verbose, log_path)
             for group in _distinct_groups(workflow, configs):
                 todo = [c for c in group if partition_key(workflow, c) not in done]
                 for config in group:
@@ -139,6 +142,63 @@ def sweep_workflow(args: argparse.Namespace) -> int:
             f"{len(failed)} configuration(s) failed; the same command runs only those again", file=sys.stderr
         )
         return 1
+    return 0
+
+
+def _submit_backfill(
+    defs: Any,
+    instance: Any,
+    workflow: Workflow,
+    configs: list[RunConfig],
+    done: set[str],
+    verbose: bool,
+    log_path: Path,
+) -> int:
+    """The shared assets made here (one group only), then an asset backfill of the partitions not yet
+    done and of the report, for the daemon: it runs them through the run queue (``max_concurrent_runs``,
+    tag limits on ``dagster/backfill``), a failed partition does not stop the others, and the UI's
+    backfill page re-executes the failed ones."""
+    from dagster._core.execution.backfill import PartitionBackfill
+    from dagster._core.utils import make_new_backfill_id
+
+    groups = _distinct_groups(workflow, configs)
+    if len(groups) > 1:
+        return _fail(
+            "--backfill: these configurations differ in settings of the shared assets ("
+            + ", ".join(shared_kinds(workflow))
+            + "), which one backfill cannot materialise for each; run without --backfill"
+        )
+    keys = [partition_key(workflow, c) for c in configs]
+    todo = [k for k in keys if k not in done]
+    if not todo:
+        print("every configuration is already materialised; nothing to backfill")
+        return 0
+    shared = _ensure_shared(defs, instance, workflow, configs[0], verbose, log_path)
+    if shared is not None:
+        return _fail(shared)
+    name = f"{workflow.name}_sweep"
+    graph = defs.resolve_asset_graph()
+    backfill = PartitionBackfill.from_asset_partitions(
+        backfill_id=make_new_backfill_id(),
+        asset_graph=graph,
+        partition_names=todo,
+        asset_selection=sorted(graph.asset_keys_for_group(name)),
+        backfill_timestamp=time.time(),
+        tags={CONFIGURATIONS_TAG: json.dumps(keys)},
+        dynamic_partitions_store=instance,
+        all_partitions=False,
+        title=f"{name}: {len(todo)} of {len(keys)} configuration(s)",
+        description=None,
+        run_config=None,
+    )
+    instance.add_backfill(backfill)
+    print(f"submitted backfill {backfill.backfill_id}: {len(todo)} partition(s) of {name}, then sweep_report")
+    for key in todo:
+        print(f"  {key}")
+    beats = instance.get_daemon_heartbeats() or {}
+    if not any(time.time() - b.timestamp < 120 for b in beats.values()):
+        print("no Dagster daemon is running here: the backfill waits until one starts (make ui)")
+    print(f"watch it: DAGSTER_HOME={os.environ.get('DAGSTER_HOME', '')} make ui, Overview > Backfills")
     return 0
 
 

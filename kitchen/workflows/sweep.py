@@ -25,6 +25,9 @@ from kitchen.workflows.registry import Workflow
 
 #: Op kinds made once per configuration (the training step's outputs, evaluation, registration).
 PER_CONFIGURATION = ("train", "eval_report", "registered_model")
+#: Run tag holding a sweep's partition keys (JSON list) on the runs of a backfill ``kitchen sweep --backfill``
+#: submits, so its ``sweep_report`` compares that sweep's configurations.
+CONFIGURATIONS_TAG = "kitchen/sweep_configurations"
 #: Fields that never name a configuration (they change the log, not the result).
 NOT_IN_KEY = frozenset({"log_level"})
 _PAIR, _ASSIGN, _ITEM, _NONE = ",", "=", "+", "none"
@@ -212,6 +215,7 @@ def best(ranked: Sequence[Outcome]) -> Outcome | None:
 
 
 __all__ = [
+    "CONFIGURATIONS_TAG",
     "NOT_IN_KEY",
     "PER_CONFIGURATION",
     "Outcome",
