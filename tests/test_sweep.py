@@ -207,3 +207,26 @@ def test_a_failed_configuration_does_not_stop_the_others_and_only_it_runs_again(
         assert set(instance.get_materialized_partitions(done)) == {key[0], key[1]}
         runs = instance.get_runs(dg.RunsFilter(job_name="supervised_sweep_job"))
     assert sorted(r.tags["dagster/partition"] for r in runs) == sorted([key[0], key[1], key[1]])
+
+
+@pytest.mark.parametrize("name", ["supervised", "rl", "distillation", "dpo"])
+def test_every_workflow_has_a_sweep_whose_keys_read_back(name: str, tiny_model_dir: Path) -> None:
+    from kitchen_assets.definitions import build_definitions
+
+    workflow = get_workflow(name)
+    assert workflow.smoke_config is not None
+    smoke = workflow.config(**workflow.smoke_config(str(tiny_model_dir)))
+    assert config_from_key(workflow, partition_key(workflow, smoke)) == smoke
+    graph = build_definitions("local").resolve_asset_graph()
+    made = {key.path[-1] for key in graph.asset_keys_for_group(f"{name}_sweep")}
+    assert made == {"checkpoints", "trained_weights", *workflow.train_outputs, "eval_report"} | {
+        "registered_model",
+        "sweep_report",
+    }
+    train = graph.get(dg.AssetKey([f"{name}_sweep", "trained_weights"]))
+    assert (
+        train.partitions_def is not None
+        and graph.get(dg.AssetKey([name, "trained_weights"])).partitions_def is None
+    )
+    # training reads the workflow's own, unpartitioned assets before it
+    assert {p.path[0] for p in train.parent_keys} == {name}
