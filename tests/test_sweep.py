@@ -208,6 +208,19 @@ def test_a_failed_configuration_does_not_stop_the_others_and_only_it_runs_again(
         runs = instance.get_runs(dg.RunsFilter(job_name="supervised_sweep_job"))
     assert sorted(r.tags["dagster/partition"] for r in runs) == sorted([key[0], key[1], key[1]])
 
+    # a partition whose shared assets were made with other settings refuses to train, naming the setting
+    from kitchen_assets.definitions import build_definitions
+
+    other = partition_key(workflow, workflow.config(**{**fixed, "max_rows": 40}))
+    job = build_definitions("local").resolve_job_def("supervised_sweep_job")
+    with dg.DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions("supervised_sweep", [other])
+        result = job.execute_in_process(partition_key=other, instance=instance, raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    message = failure.step_failure_data.error.message
+    assert "supervised/dataset was made with max_rows=48, this configuration needs 40" in message
+
 
 @pytest.mark.parametrize("name", ["supervised", "rl", "distillation", "dpo"])
 def test_every_workflow_has_a_sweep_whose_keys_read_back(name: str, tiny_model_dir: Path) -> None:
