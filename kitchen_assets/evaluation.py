@@ -15,6 +15,7 @@ from typing import Any
 import dagster as dg
 
 from kitchen.eval.gate import GateSettings, gate_verdict
+from kitchen.eval.judge import judge_summary
 from kitchen.eval.report import comparison_rows, read_losses, report_plot
 from kitchen.home import home_dir
 from kitchen.manifests import (
@@ -29,6 +30,7 @@ from kitchen.workflows import EvalContext, Workflow
 from kitchen_assets.factory import WORKFLOW, Placement, workflow_asset
 from kitchen_assets.metadata import image_markdown, markdown_table
 from kitchen_assets.telemetry import emit_eval_complete
+from resources.llm import LLMResource
 from resources.training import TrainingBackend
 
 SAMPLES_SHOWN = 5
@@ -59,6 +61,7 @@ def eval_report_asset(workflow: Workflow, placement: Placement = WORKFLOW) -> dg
         context: dg.AssetExecutionContext,
         config: Any,
         training: TrainingBackend,
+        llm: LLMResource,
         base_model: BaseModelManifest,
         dataset: DatasetManifest,
         checkpoints: CheckpointsManifest,
@@ -80,6 +83,7 @@ def eval_report_asset(workflow: Workflow, placement: Placement = WORKFLOW) -> dg
                     service=service,
                     out_dir=out_dir,
                     log=context.log.info,
+                    judge=lambda: llm.client(training),
                 )
             )
         finally:
@@ -124,6 +128,7 @@ def eval_report_asset(workflow: Workflow, placement: Placement = WORKFLOW) -> dg
         report_path = out_dir / "report.json"
         report_path.write_text(json.dumps(report, indent=2))
 
+        judge = evaluation.details.get("judge")
         lower = [r["metric"] for r in rows if not directions.get(r["metric"], True)]
         metric = settings.metric
         context.add_output_metadata(
@@ -144,6 +149,16 @@ def eval_report_asset(workflow: Workflow, placement: Placement = WORKFLOW) -> dg
                 "eval_seconds": seconds,
                 **{f"{label}_eval_seconds": s for label, s in evaluation.seconds.items()},
                 "report": dg.MetadataValue.path(str(report_path)),
+                **(
+                    {
+                        "judge": dg.MetadataValue.md(judge_summary(judge["model"], judge["metrics"])),
+                        "judge_model": judge["model"],
+                        "judge_metrics": dg.MetadataValue.json(judge["metrics"]),
+                        "judge_verdicts": dg.MetadataValue.path(evaluation.files["judge"]),
+                    }
+                    if judge
+                    else {}
+                ),
             }
         )
         return EvalManifest(
@@ -154,6 +169,7 @@ def eval_report_asset(workflow: Workflow, placement: Placement = WORKFLOW) -> dg
             num_examples=evaluation.num_examples,
             seconds=seconds,
             gate_passed=verdict.passed,
+            judge_model=judge["model"] if judge else None,
         )
 
     return eval_report

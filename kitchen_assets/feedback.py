@@ -27,7 +27,7 @@ from kitchen import telemetry
 from kitchen.feedback import build_training_data, write_training_data
 from kitchen.manifests import FeedbackDataManifest
 from kitchen.serve.feedback import FeedbackStore, default_feedback_path
-from kitchen.telemetry.events import FEEDBACK_RECEIVED
+from kitchen.telemetry.events import FEEDBACK_BATCH
 from kitchen.workflows import Workflow
 from kitchen_assets.telemetry import instrumented
 
@@ -145,7 +145,7 @@ def feedback_asset(settings: FeedbackSettings) -> dg.AssetsDefinition:
             f"{manifest.pairs} pairs, {manifest.sft_rows} SFT rows; skipped {manifest.skipped or 'none'}"
         )
         telemetry.emit(
-            FEEDBACK_RECEIVED,
+            FEEDBACK_BATCH,
             {
                 "feedback": manifest.feedback,
                 "pairs": manifest.pairs,

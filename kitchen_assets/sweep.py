@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -22,6 +23,7 @@ from pydantic import Field
 
 from kitchen.home import home_dir
 from kitchen.manifests import (
+    BaseModelManifest,
     CheckpointsManifest,
     EvalManifest,
     Manifest,
@@ -123,6 +125,16 @@ def _partition_manifest(instance: dg.DagsterInstance, key: dg.AssetKey, partitio
         return read_manifest_file(path) if path else None
     except FileNotFoundError:
         return None
+
+
+def _registered_start(workflow: Workflow, instance: dg.DagsterInstance, key: str) -> str | None:
+    """The registered version the configuration trained from (``--model models:/...``), as the shared
+    ``base_model`` asset resolved it, when that asset was made for this configuration's model."""
+    path = recorded_manifest_path(latest_materialization(instance, asset_key(workflow, "base_model")))
+    base = read_manifest_file(path) if path and Path(path).is_file() else None
+    if isinstance(base, BaseModelManifest) and base.name == config_from_key(workflow, key).model:
+        return base.registered_version
+    return None
 
 
 def _mean_tokens_per_second(metrics_path: str) -> tuple[float | None, list[int], list[float]]:
@@ -230,6 +242,7 @@ def sweep_report_asset(workflow: Workflow, placement: Placement) -> dg.AssetsDef
                     reports[top.key],
                     top.lower_is_better,
                     context.log.info,
+                    started_from=_registered_start(workflow, instance, top.key),
                 )
             promoted = verdict.promoted
             decision = f"best {top.key}: {version.model_uri} -> {verdict.alias} ({verdict.reason})"

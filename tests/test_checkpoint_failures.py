@@ -21,6 +21,7 @@ import dagster as dg
 import pytest
 
 import resources.local_engine.checkpoints as checkpoints
+from kitchen import atomic
 from kitchen.cli.run import _step_failures
 from kitchen.training.ledger import LEDGER_FILE
 from kitchen_assets.definitions import build_definitions
@@ -73,9 +74,14 @@ def test_a_checkpoint_that_cannot_be_written_fails_naming_it_and_resumes(
 ) -> None:
     with dg.DagsterInstance.ephemeral() as instance:
         with monkeypatch.context() as fault:  # the second training-state write: the step-4 checkpoint
-            if target == "mkdtemp":  # the engine's own staging directory, not every tempfile user's
-                fake = types.SimpleNamespace(mkdtemp=_fail_on_call(2, tempfile.mkdtemp, error))
-                fault.setattr(checkpoints, "tempfile", fake)
+            if target == "mkdtemp":  # a training state's staging directory, not every atomic writer's
+                state_only = _fail_on_call(2, tempfile.mkdtemp, error)
+
+                def mkdtemp(*args: Any, **kwargs: Any) -> str:
+                    writer = state_only if Path(kwargs["dir"]).name == "state" else tempfile.mkdtemp
+                    return str(writer(*args, **kwargs))
+
+                fault.setattr(atomic, "tempfile", types.SimpleNamespace(mkdtemp=mkdtemp))
             else:
                 fault.setattr(checkpoints, target, _fail_on_call(2, getattr(checkpoints, target), error))
             failed = _run(tiny_model_dir, instance)

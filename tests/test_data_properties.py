@@ -213,7 +213,9 @@ def _check(name: str, data: bytes) -> None:
             return
         skipped = sum(loaded.skipped_rows.values())
         assert loaded.train_rows >= 1 and loaded.test_rows >= 1
-        assert loaded.train_rows + loaded.test_rows + skipped == _units(path, data)
+        # Every row is kept, skipped (counted by reason) or removed as an exact duplicate (counted too).
+        removed = loaded.dedup.train_duplicates + loaded.dedup.test_duplicates + loaded.dedup.test_in_train
+        assert loaded.train_rows + loaded.test_rows + skipped + removed == _units(path, data)
         assert set(loaded.skipped_rows) <= SKIP_REASONS
         assert len(loaded.skipped_examples) == min(skipped, 20)
         for example in loaded.skipped_examples:

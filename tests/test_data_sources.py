@@ -296,6 +296,7 @@ def test_the_dataset_asset_shows_skipped_lines_in_its_metadata(tmp_path: Path) -
 
     from kitchen.workflows import get_workflow
     from kitchen_assets.common import dataset_asset
+    from kitchen_assets.definitions import service_resources
 
     lines = [_qa_line(i) for i in range(20)]
     lines.insert(6, _qa_line(6)[:-3])
@@ -306,6 +307,7 @@ def test_the_dataset_asset_shows_skipped_lines_in_its_metadata(tmp_path: Path) -
             [dataset_asset(get_workflow("supervised"))],
             run_config={"ops": {"supervised__dataset": {"config": {"dataset": str(path)}}}},
             instance=instance,
+            resources=service_resources(),
         )
     (event,) = result.get_asset_materialization_events()
     metadata = event.materialization.metadata

@@ -172,7 +172,7 @@ def test_the_asset_turns_posted_feedback_into_batches(http: TestClient, tmp_path
     received: list[telemetry.TelemetryEvent] = []
     with (
         dg.DagsterInstance.ephemeral() as instance,
-        telemetry.attached_handler("feedback-test", telemetry.FEEDBACK_RECEIVED, received.append),
+        telemetry.attached_handler("feedback-test", telemetry.FEEDBACK_BATCH, received.append),
     ):
         one = _materialize(settings, instance)
         assert (one.batch, one.feedback, one.pairs, one.sft_rows) == ("000000-000002", 2, 2, 1)

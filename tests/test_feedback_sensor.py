@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from jobs.feedback import BATCH_TAG, LAST_SEQ_TAG, FeedbackRetrainSettings, feedback_target
+from jobs.feedback import ATTEMPT_TAG, BATCH_TAG, LAST_SEQ_TAG, FeedbackRetrainSettings, feedback_target
 from kitchen.manifests import BaseModelManifest, DatasetManifest, RegisteredModelManifest
 from kitchen.registry import ModelRegistry, default_tracking_uri
 from kitchen.registry.names import parse_model_ref
@@ -67,16 +68,23 @@ def kitchen_home(home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     yield home
 
 
-@pytest.fixture
-def http(home: Path) -> Iterator[TestClient]:
+@contextmanager
+def _serving(db: Path) -> Iterator[TestClient]:
+    """The app serving the champion, keeping completions and feedback in ``db``."""
     service = LocalServiceClient(num_threads=1)
     source = ModelSource(
         RegistryLocator(ModelRegistry(default_tracking_uri()), parse_model_ref(REF)),
         lambda path: service.create_sampling_client(model_path=path).result(),
         poll_s=None,
     )
-    app = create_app(source, ServeSettings(), FeedbackStore(home / "feedback.db"))
+    app = create_app(source, ServeSettings(), FeedbackStore(db))
     with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture
+def http(home: Path) -> Iterator[TestClient]:
+    with _serving(home / "feedback.db") as client:
         yield client
 
 
@@ -109,13 +117,16 @@ def _skipped(result: dg.SensorResult) -> str:
 
 
 def _run(
-    defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest
+    defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest, **changed: Any
 ) -> dg.ExecuteInProcessResult:
-    """Execute a requested run as the daemon would launch it: its job, config and tags."""
+    """Execute a requested run as the daemon would launch it: its job, config (with ``changed``) and tags."""
     assert request.job_name is not None
     job = defs.resolve_job_def(request.job_name)
     return job.execute_in_process(
-        run_config=request.run_config, instance=instance, tags=request.tags, raise_on_error=False
+        run_config={**request.run_config, **changed},
+        instance=instance,
+        tags=request.tags,
+        raise_on_error=False,
     )
 
 
@@ -184,6 +195,61 @@ def test_a_batch_of_feedback_trains_once(http: TestClient, home: Path) -> None:
         assert config == {"after_seq": 3, "last_seq": 6}
 
 
+def test_a_failed_retraining_run_is_requested_again(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that fails is requested again with the same config and tags, before newer feedback is
+    batched, up to the attempts allowed; a run the eval gate rejected is not (that is its verdict)."""
+    db = tmp_path / "feedback.db"  # a store of its own: batches from seq 0
+    monkeypatch.setenv("KITCHEN_FEEDBACK_DB", str(db))
+    defs = build_definitions("local")
+    sensor = defs.get_sensor_def(SENSOR)
+    with _serving(db) as http, dg.DagsterInstance.ephemeral() as instance:
+
+        def retraining(*questions: tuple[int, int]) -> dg.RunRequest:
+            for a, b in questions:
+                _correct(http, a, b)
+            [materialise] = _tick(sensor, instance, None).run_requests
+            assert _run(defs, instance, materialise).success
+            [request] = _tick(sensor, instance, None).run_requests
+            return request
+
+        first = retraining((7, 1), (8, 1), (9, 1))
+        assert first.run_key == "supervised-feedback-000000-000003"
+        dataset = Path(first.run_config["dataset"])
+        hidden = dataset.rename(dataset.with_name("away"))  # the run fails before training
+        assert not _run(defs, instance, first).success
+        [again] = _tick(sensor, instance, None).run_requests
+        assert again.run_key == "supervised-feedback-000000-000003-attempt-2"
+        assert again.job_name == first.job_name and again.run_config == first.run_config
+        assert again.tags == {**first.tags, ATTEMPT_TAG: "2"}
+
+        # Attempt 2 trains, and the gate rejects the weights: final, the batch is not retrained.
+        hidden.rename(dataset)
+        rejected = _run(defs, instance, again, gate_margin=100.0)
+        assert not rejected.success
+        assert not all(c.passed for c in rejected.get_asset_check_evaluations())
+        assert (
+            _skipped(_tick(sensor, instance, None))
+            == "0 of 3 corrected replies in 0 new feedback after seq 3"
+        )
+
+        # A batch whose run keeps failing is requested until its three attempts are spent.
+        second = retraining((1, 2), (2, 2), (3, 2))
+        assert second.run_key == "supervised-feedback-000003-000006"
+        Path(second.run_config["dataset"]).unlink()
+        request = second
+        for attempt in (2, 3):
+            assert not _run(defs, instance, request).success
+            [request] = _tick(sensor, instance, None).run_requests
+            assert (request.run_key, request.tags[ATTEMPT_TAG]) == (
+                f"{second.run_key}-attempt-{attempt}",
+                str(attempt),
+            )
+        assert not _run(defs, instance, request).success
+        assert "after seq 6" in _skipped(_tick(sensor, instance, None))
+
+
 def test_the_target_and_its_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     on = build_definitions("local")
     assert on.resolve_assets_def(FEEDBACK_KEY) and on.resolve_job_def("feedback_job")
@@ -198,6 +264,11 @@ def test_the_target_and_its_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     supervised = get_workflow("supervised")
     settings = FeedbackRetrainSettings.from_env(supervised)
     assert (settings.threshold, settings.trains_on, settings.model) == (3, "sft", None)
+    assert settings.max_attempts == 3
+    monkeypatch.setenv("KITCHEN_SUPERVISED_FEEDBACK_MAX_ATTEMPTS", "0")
+    with pytest.raises(ValueError, match="KITCHEN_SUPERVISED_FEEDBACK_MAX_ATTEMPTS: must be at least 1"):
+        FeedbackRetrainSettings.from_env(supervised)
+    monkeypatch.delenv("KITCHEN_SUPERVISED_FEEDBACK_MAX_ATTEMPTS")
     assert settings.default_status == dg.DefaultSensorStatus.STOPPED
     monkeypatch.setenv("KITCHEN_SUPERVISED_FEEDBACK_THRESHOLD", "2.5")
     with pytest.raises(ValueError, match="whole number"):

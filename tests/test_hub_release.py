@@ -15,7 +15,7 @@ from test_supervised_workflow import tiny_run_config
 from kitchen.manifests import HubReleaseManifest, RegisteredModelManifest
 from kitchen.registry import ModelRegistry, default_tracking_uri
 from kitchen.workflows import get_workflow
-from kitchen_assets.definitions import build_definitions
+from kitchen_assets.definitions import build_definitions, service_resources
 from kitchen_assets.hub_release import hub_release_settings
 from kitchen_assets.io import ManifestIOManager, manifest_path, read_manifest
 from kitchen_assets.workflows import workflow_assets
@@ -123,6 +123,7 @@ def test_champion_is_published_once_and_challengers_are_not(
                     "training": LocalBackend(),
                     "registry": MlflowRegistry(),
                     "io_manager": ManifestIOManager(),
+                    **service_resources(),
                 },
                 instance=instance,
             )

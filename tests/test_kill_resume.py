@@ -8,10 +8,10 @@
 - ``kill -9`` of a Dagster run worker under ``dagster dev`` (run retries on): the instance marks the run
   failed, the run-retry daemon re-executes it from the failure, and the retry resumes to the same weights.
 
-Every test is parametrised by workflow: ``KILL_RESUME`` maps a workflow to the overrides of its
-``smoke_config`` that make a run long enough to interrupt (checkpoints every few steps). A new workflow
-(RL: its sampling state rides in the plan state of each checkpoint) gets these guarantees tested by adding
-its entry.
+The kill -9 test is parametrised by workflow (the other two run for ``supervised``): ``KILL_RESUME`` maps
+a workflow to the overrides of its ``smoke_config`` that make a run long enough to interrupt (checkpoints
+every few steps). A new workflow (RL: its sampling state rides in the plan state of each checkpoint) gets
+these guarantees tested by adding its entry.
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ KILL_RESUME: dict[str, dict[str, Any]] = {
 }
 TOLERANCE = 1e-6
 CTRL_C_SECONDS = 30  # generous for a loaded 2-core machine; the measured time is printed
+#: Stopping on a signal and Dagster's run retry do not depend on the workflow (the resume they lead to is
+#: the plan's, which the kill -9 test checks for every workflow), so they run for one workflow: each
+#: costs about a minute of CI per workflow.
+SIGNALLED = pytest.mark.parametrize("workflow", ["supervised"], scope="module")
 
 
 def _total_steps(workflow: str) -> int:
@@ -156,6 +160,7 @@ def test_kill_9_mid_training_resumes_to_the_uninterrupted_weights(
     )
 
 
+@SIGNALLED
 def test_ctrl_c_stops_within_seconds_and_the_same_command_resumes(
     workflow: str, reference: Reference, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -201,6 +206,7 @@ def _worker_pid(server: Any, run_id: str) -> int | None:
     return None
 
 
+@SIGNALLED
 def test_a_killed_run_worker_is_retried_and_resumes_under_dagster_dev(
     workflow: str, reference: Reference, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

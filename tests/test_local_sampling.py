@@ -9,6 +9,7 @@ import pytest
 import torch
 from tinker import types
 
+from kitchen.contract import StreamingSamplingClient
 from resources.local_engine import LocalSamplingClient, LocalServiceClient
 
 
@@ -214,3 +215,29 @@ def test_invalid_requests_are_refused_at_submission(sampler: LocalSamplingClient
         sampler.sample(prompt, 1, types.SamplingParams(max_tokens=10_000))
     with pytest.raises(ValueError, match="vocabulary"):
         sampler.compute_logprobs(types.ModelInput.from_ints([1, 10_000]))
+
+
+def test_sample_streaming_reports_each_token_as_generated(sampler: LocalSamplingClient) -> None:
+    """``sample_streaming`` (``StreamingSamplingClient``) gives exactly ``sample``'s result, and every token
+    reaches the listener, in order and by choice, before that result exists; a listener that raises loses
+    its stream, not the request, nor a request batched with it."""
+    assert isinstance(sampler, StreamingSamplingClient)
+    params = types.SamplingParams(max_tokens=12, temperature=1.0, seed=5, stop=[])
+    prompt = prompt_of(sampler, "hello world the cat")
+    want = sampler.sample(prompt, 3, params).result().sequences
+    heard: list[tuple[int, int, bool]] = []
+    submitted: list[Any] = []
+
+    def listen(index: int, token: int) -> None:
+        heard.append((index, token, bool(submitted) and submitted[0].done()))
+
+    def deaf(index: int, token: int) -> None:
+        raise RuntimeError("the client went away")
+
+    other = sampler.sample_streaming(prompt_of(sampler, "the"), 1, params, deaf)
+    submitted.append(sampler.sample_streaming(prompt, 3, params, listen))
+    got = submitted[0].result().sequences
+    assert [s.tokens for s in got] == [s.tokens for s in want]
+    assert [[t for i, t, _ in heard if i == c] for c in range(3)] == [s.tokens for s in want]
+    assert not any(done for _, _, done in heard)  # all heard before the result was set
+    assert len(other.result().sequences[0].tokens) == 12  # the deaf listener's request still finished

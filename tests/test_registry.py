@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from kitchen.registry import (
     sampler_path,
     validate_model_name,
 )
+from kitchen.registry.lineage import TrainedModel
 
 TESTS = Path(__file__).resolve().parent
 
@@ -259,6 +261,61 @@ def test_champion_moves_only_to_a_better_version_that_passed_the_gate(
         register(registry, gated, "r4", name)
     assert registry.aliases(name) == {CHAMPION: "3", CHALLENGER: "2"}  # nothing registered, nothing moved
     assert len(registry.versions(name)) == 3
+
+
+def _preference_model(tmp_path: Path, seed: int, started_from: str | None) -> TrainedModel:
+    """A DPO-like version: gated on ``reward_accuracy`` (which an SFT champion never records), base column
+    0.4 and trained 0.7 on the same held-out pairs, started from ``started_from``."""
+    model = fake_trained_model(tmp_path, seed=seed, exact_match=0.0)
+    report = Path(model.eval_report.report_path)
+    report.write_text(
+        json.dumps(
+            {
+                "trained": {"reward_accuracy": 0.7},
+                "higher_is_better": {"reward_accuracy": True},
+                "gate": {
+                    "settings": {
+                        "metric": "reward_accuracy",
+                        "margin": 0.0,
+                        "max_nll_increase": None,
+                        "min_gap_closed": None,
+                    }
+                },
+            }
+        )
+    )
+    evaluation = model.eval_report.model_copy(
+        update={
+            "primary_metric": "reward_accuracy",
+            "base": {"reward_accuracy": 0.4},
+            "trained": {"reward_accuracy": 0.7},
+        }
+    )
+    base = model.base_model.model_copy(update={"registered_version": started_from})
+    return replace(model, workflow="dpo", eval_report=evaluation, base_model=base)
+
+
+def test_a_version_trained_from_the_champion_is_compared_with_it_head_to_head(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    """The champion records no value for the newcomer's metric (SFT before DPO on feedback): trained from
+    the champion, the newcomer is compared with the report's base column (the champion on the same pairs);
+    trained from anything else, the champion stays."""
+    name = "cross"
+    assert register(
+        registry, fake_trained_model(tmp_path, seed=60, exact_match=0.5), "x1", name
+    ).decision.promoted
+    elsewhere = register(registry, _preference_model(tmp_path / "b", 61, None), "x2", name)
+    assert (
+        elsewhere.manifest.alias == CHALLENGER and "records no reward_accuracy" in elsewhere.decision.reason
+    )
+    older = register(registry, _preference_model(tmp_path / "c", 62, f"models:/{name}/2"), "x3", name)
+    assert older.manifest.alias == CHALLENGER  # v2 is not the champion
+    dpo = register(registry, _preference_model(tmp_path / "d", 63, f"models:/{name}/1"), "x4", name)
+    assert dpo.manifest.alias == CHAMPION, dpo.decision.reason
+    assert (dpo.decision.previous_champion, dpo.decision.previous_champion_value) == ("1", 0.4)
+    assert "measured as this run's starting model" in dpo.decision.reason
+    assert registry.aliases(name)[CHAMPION] == dpo.manifest.version == "4"
 
 
 def test_a_duplicate_from_a_concurrent_machine_is_removed(

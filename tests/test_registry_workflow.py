@@ -13,7 +13,7 @@ from kitchen.cli import main
 from kitchen.manifests import RegisteredModelManifest, WeightsManifest
 from kitchen.registry import ModelRegistry, default_tracking_uri, load_sampling_client
 from kitchen.workflows import get_workflow
-from kitchen_assets.definitions import build_definitions
+from kitchen_assets.definitions import build_definitions, service_resources
 from kitchen_assets.io import ManifestIOManager, read_manifest
 from kitchen_assets.registry import upstream_kinds
 from kitchen_assets.workflows import workflow_assets
@@ -64,6 +64,7 @@ def test_job_registers_a_champion_that_cli_shows_and_that_loads_back(
                 "training": LocalBackend(),
                 "registry": MlflowRegistry(),
                 "io_manager": ManifestIOManager(),
+                **service_resources(),
             },
             instance=instance,
         )

@@ -110,6 +110,7 @@ def test_every_lifecycle_event_is_in_the_catalogue() -> None:
         telemetry.RUN_FAILED,
         telemetry.DEPLOYMENT_UPDATED,
         telemetry.FEEDBACK_RECEIVED,
+        telemetry.FEEDBACK_BATCH,
     ):
         assert catalogue[name].metadata[:2] == ("run_id", "workflow"), name
     assert catalogue[telemetry.RUN_FAILED].metadata[2:] == ("job_name", "status", "error_message")

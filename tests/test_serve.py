@@ -30,13 +30,15 @@ from tinker import types
 from kitchen import telemetry
 from kitchen.cli import main
 from kitchen.hashing import ADAPTER_FILES, hash_file, hash_json
-from kitchen.manifests import DeploymentManifest
+from kitchen.manifests import DeploymentManifest, FeedbackDataManifest
 from kitchen.registry import ModelRegistry, default_tracking_uri
 from kitchen.registry.loading import sampler_path
 from kitchen.registry.register import DESCRIPTOR
 from kitchen.registry.store import MODEL_ARTIFACT_DIR, WEIGHTS_HASH_TAG
 from kitchen.serve.feedback import FeedbackStore
 from kitchen.workflows import get_workflow
+from kitchen_assets.definitions import service_resources
+from kitchen_assets.feedback import FEEDBACK_KEY, FeedbackSettings, feedback_asset
 from kitchen_assets.io import ManifestIOManager, read_manifest
 from kitchen_assets.workflows import workflow_assets
 from resources.local_engine import LocalServiceClient
@@ -170,6 +172,23 @@ def test_openai_client_plain_and_streaming(server: Server, engine: LocalServiceC
     [kept] = [f for f in FeedbackStore(home / "feedback.db").feedback() if f.completion_id == completion.id]
     assert (kept.messages, kept.reply, kept.model_version) == (QUESTION, texts[0], f"{NAME}/1")
     assert (kept.rating, kept.correction) == ("down", "42")
+    # ... and announced to the telemetry sinks: the JSONL sink's file for the serving session.
+    session = server.health()["session"]
+    lines = [json.loads(line) for line in (home / "telemetry" / f"{session}.jsonl").read_text().splitlines()]
+    [received] = [e for e in lines if e["metadata"]["completion_id"] == completion.id]
+    assert received["name"] == "kitchen.feedback.received"
+    assert received["metadata"]["feedback_id"] == rated.json()["id"] == kept.id
+    assert (received["metadata"]["model_version"], received["metadata"]["rating"]) == (f"{NAME}/1", "down")
+    # ... and the feedback asset makes it a preference pair: the correction chosen over the served reply.
+    with dg.DagsterInstance.ephemeral() as instance:
+        store = FeedbackSettings(home / "feedback.db")
+        assert dg.materialize(
+            [feedback_asset(store)], instance=instance, resources={"io_manager": ManifestIOManager()}
+        ).success
+    batch = read_manifest(FEEDBACK_KEY)
+    assert isinstance(batch, FeedbackDataManifest) and batch.pairs_path is not None
+    pairs = [json.loads(line) for line in Path(batch.pairs_path).read_text().splitlines()]
+    assert {"prompt": QUESTION, "chosen": "42", "rejected": texts[0]} in pairs
 
     # Several seeded choices, the name without models:/, and the same answers streamed.
     texts, _, _ = expected(engine, "1", QUESTION, n=2, max_tokens=12, temperature=0.8, top_p=0.95, seed=11)
@@ -277,6 +296,7 @@ def _materialise_deployment(url: str) -> tuple[dg.ExecuteInProcessResult, Deploy
                     "training": LocalBackend(),
                     "registry": MlflowRegistry(),
                     "io_manager": ManifestIOManager(),
+                    **service_resources(),
                 },
                 instance=instance,
                 raise_on_error=False,

@@ -10,16 +10,24 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from test_registry_support import fake_trained_model, register
 from tinker import types
 
-from kitchen.serve import Batcher, ModelSource, ServeSettings, create_app
+from kitchen import telemetry
+from kitchen.contract import StreamingSamplingClient
+from kitchen.registry import ModelRegistry
+from kitchen.registry.names import parse_model_ref
+from kitchen.serve import Batcher, ModelSource, RegistryLocator, SamplerLocator, ServeSettings, create_app
 from kitchen.serve.feedback import FeedbackStore
+from resources.futures import EngineFuture, resolved
 from resources.local_engine import LocalSamplingClient, LocalServiceClient
 
 KEY = "serve-test-key-0123456789"
@@ -87,7 +95,7 @@ def decode(sampler: LocalSamplingClient, sequence: types.SampledSequence) -> str
 
 
 def chat(http: TestClient, **body: Any) -> Any:
-    return http.post("/v1/chat/completions", json={"model": "tiny", "messages": QUESTION, **body})
+    return chat_as(http, "tiny", **body)
 
 
 def test_greedy_completion_matches_the_sampler(http: TestClient, sampler: LocalSamplingClient) -> None:
@@ -138,11 +146,71 @@ def test_streaming_sends_the_same_answer_as_sse(http: TestClient, sampler: Local
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == "tiny" for c in chunks)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    assert text == decode(sampler, sequences[0])
+    pieces = [c["choices"][0]["delta"].get("content") for c in chunks[1:] if c["choices"]]
+    assert "".join(p or "" for p in pieces) == decode(sampler, sequences[0])
+    assert len([p for p in pieces if p]) > 1  # sent as it formed, not as one piece at the end
     finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
     assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == prompt_tokens
+
+
+class HeldBack:
+    """Test-only ``StreamingSamplingClient``: reports the local sampler's tokens at once but holds the
+    result back until released, so text that reaches the client before the release was streamed."""
+
+    def __init__(self, inner: LocalSamplingClient) -> None:
+        self.inner = inner
+        self.release = threading.Event()
+        self.timed_out = False
+
+    def sample(self, prompt: types.ModelInput, n: int, params: types.SamplingParams) -> Any:
+        return self.inner.sample(prompt, n, params)
+
+    def compute_logprobs(self, prompt: types.ModelInput) -> Any:
+        return self.inner.compute_logprobs(prompt)
+
+    def get_tokenizer(self) -> Any:
+        return self.inner.get_tokenizer()
+
+    def sample_streaming(
+        self, prompt: types.ModelInput, n: int, params: types.SamplingParams, on_token: Any
+    ) -> EngineFuture[types.SampleResponse]:
+        response = self.inner.sample(prompt, n, params).result()
+        held: EngineFuture[types.SampleResponse] = EngineFuture()
+
+        def play() -> None:
+            for index, sequence in enumerate(response.sequences):
+                for token in sequence.tokens:
+                    on_token(index, token)
+            self.timed_out = not self.release.wait(30)
+            held.set_result(response)
+
+        threading.Thread(target=play, daemon=True).start()
+        return held
+
+
+def test_streamed_text_arrives_before_the_generation_ends(
+    service: LocalServiceClient, tiny_model_dir: Path, sampler: LocalSamplingClient
+) -> None:
+    client = HeldBack(sampler)
+    assert isinstance(client, StreamingSamplingClient)
+    source = ModelSource(BaseLocator(tiny_model_dir), lambda _: client, poll_s=None)  # type: ignore[arg-type,return-value]
+    [sequence], _ = expected(sampler, QUESTION, max_tokens=10, temperature=0.0)
+    whole, streamed = decode(sampler, sequence), ""
+    request = {"model": "tiny", "messages": QUESTION, "max_tokens": 10, "temperature": 0, "stream": True}
+    with (
+        TestClient(create_app(source, ServeSettings())) as http,
+        http.stream("POST", "/v1/chat/completions", json=request) as response,
+    ):
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            for choice in json.loads(line[6:])["choices"]:
+                assert choice["finish_reason"] is None or client.release.is_set()
+                streamed += choice["delta"].get("content") or ""
+            if streamed == whole:
+                client.release.set()  # the whole reply arrived while its result was still held back
+    assert streamed == whole and not client.timed_out
 
 
 @pytest.mark.parametrize(
@@ -246,6 +314,29 @@ def test_deployment_asset_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_feedback_is_kept_with_the_prompt_reply_and_version(http: TestClient, feedback_db: Path) -> None:
+    received: list[telemetry.TelemetryEvent] = []
+    with telemetry.attached_handler("serve-feedback-test", telemetry.FEEDBACK_RECEIVED, received.append):
+        _feedback_round_trip(http, feedback_db)
+    # kitchen.feedback.received: one per stored POST /v1/feedback, none for a refused one, no texts.
+    stored = FeedbackStore(feedback_db).feedback()
+    session = http.get("/health").json()["session"]
+    assert session.startswith("serve-")
+    assert [(e.metadata["run_id"], e.metadata["workflow"]) for e in received] == [(session, "serve")] * 3
+    assert [e.metadata["feedback_id"] for e in received] == [f.id for f in stored]
+    assert [(e.measurements["seq"], e.measurements["choice_index"]) for e in received] == [
+        (f.seq, f.choice_index) for f in stored
+    ]
+    assert [(e.metadata["rating"], e.metadata["corrected"]) for e in received] == [
+        ("down", True),
+        (None, False),
+        ("up", False),
+    ]
+    assert [e.measurements.get("score") for e in received] == [None, 0.5, None]
+    assert all(e.metadata["model_version"] == "tiny" for e in received)
+    assert all("42" not in e.metadata.values() for e in received)  # never the correction's text
+
+
+def _feedback_round_trip(http: TestClient, feedback_db: Path) -> None:
     body = chat(http, max_tokens=8, temperature=1.0, seed=1, n=2).json()
     cid, replies = body["id"], [c["message"]["content"] for c in body["choices"]]
     down = http.post("/v1/feedback", json={"completion_id": cid, "rating": "down", "correction": "42"})
@@ -325,3 +416,79 @@ def test_a_failing_registry_check_keeps_the_served_version(sampler: LocalSamplin
     assert source.refresh() is True and source.served.version == "m/2" and source.last_error is None
     assert source.refresh() is False  # unchanged: nothing reopened
     assert locator.opened == ["path-of-m/1", "path-of-m/2"]
+
+
+class TinkerStandIn:
+    """Test-only: what ``kitchen serve`` asks of Tinker's ``ServiceClient``, a sampling client for a
+    ``tinker://`` sampler path; it answers with the tiny model's local sampler (the same contract)."""
+
+    def __init__(self, sampler: LocalSamplingClient) -> None:
+        self.sampler = sampler
+        self.opened: list[str] = []
+
+    def create_sampling_client(self, model_path: str) -> EngineFuture[LocalSamplingClient]:
+        if not model_path.startswith("tinker://"):
+            raise ValueError(f"the Tinker stand-in holds tinker:// paths only, not {model_path!r}")
+        self.opened.append(model_path)
+        return resolved(self.sampler)
+
+
+def test_a_tinker_trained_version_is_served_from_its_sampler_path(
+    sampler: LocalSamplingClient, tmp_path: Path
+) -> None:
+    """A Tinker-trained version keeps its weights on Tinker: the registry names a ``tinker://`` sampler
+    path, which the server opens through the backend's ``create_sampling_client`` like any other path.
+    Offline, the stand-in plays Tinker; the alias, the path, the version in answers and feedback, and a
+    bare ``tinker://`` reference are the server's part, checked here."""
+    registry = ModelRegistry(
+        f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=(tmp_path / "mlruns").as_uri()
+    )
+    trained = fake_trained_model(tmp_path, seed=40, exact_match=0.5, tinker=True)
+    path = register(registry, trained, "run-tinker", name="tinker-sft").manifest.source
+    assert path == "tinker://session-40/sampler_weights/final"
+    locator = RegistryLocator(registry, parse_model_ref("models:/tinker-sft@champion"))
+    assert locator.backend() == "tinker"  # so `kitchen serve` opens it with the Tinker backend
+    tinker = TinkerStandIn(sampler)
+    sequences, _ = expected(sampler, QUESTION, max_tokens=8, temperature=0.0)
+    store = FeedbackStore(tmp_path / "feedback.db")
+
+    @contextmanager
+    def serve(source: ModelSource) -> Iterator[TestClient]:
+        with TestClient(create_app(source, ServeSettings(), store)) as client:
+            yield client
+
+    registered = ModelSource(
+        locator, lambda p: tinker.create_sampling_client(model_path=p).result(), poll_s=None
+    )
+    with serve(registered) as http:
+        body = chat_as(http, "tinker-sft@champion", max_tokens=8, temperature=0).json()
+        assert body["model"] == "tinker-sft/1"
+        assert body["choices"][0]["message"]["content"] == decode(sampler, sequences[0])
+        rated = http.post("/v1/feedback", json={"completion_id": body["id"], "rating": "up"})
+        assert rated.status_code == 200 and rated.json()["model"] == "tinker-sft/1"
+    assert tinker.opened == [path]
+
+    pinned = ModelSource(  # a fixed version, as `kitchen serve models:/NAME/1` serves it
+        RegistryLocator(registry, parse_model_ref("models:/tinker-sft/1")),
+        lambda p: tinker.create_sampling_client(model_path=p).result(),
+        poll_s=None,
+    )
+    with serve(pinned) as http:
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["tinker-sft/1"]
+        assert chat_as(http, "tinker-sft/1", max_tokens=8, temperature=0).json()["model"] == "tinker-sft/1"
+    assert tinker.opened == [path, path]
+
+    bare = ModelSource(
+        SamplerLocator(path), lambda p: tinker.create_sampling_client(model_path=p).result(), poll_s=None
+    )
+    with serve(bare) as http:
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [path]
+        body = chat_as(http, path, max_tokens=8, temperature=0).json()
+        assert body["model"] == path
+        assert body["choices"][0]["message"]["content"] == decode(sampler, sequences[0])
+    assert tinker.opened == [path, path, path]
+    assert [(f.model_version, f.rating) for f in store.feedback()] == [("tinker-sft/1", "up")]
+
+
+def chat_as(http: TestClient, model: str, **body: Any) -> Any:
+    return http.post("/v1/chat/completions", json={"model": model, "messages": QUESTION, **body})

@@ -286,6 +286,17 @@ def _reference_column(report_path: str) -> tuple[dict[str, float] | None, str]:
     return report.get("reference"), str(report.get("reference_label") or "reference")
 
 
+def _judge_line(report_path: str) -> str | None:
+    """The LLM judge's one-line summary, when the report has a judge section."""
+    import json
+
+    from kitchen.eval.judge import judge_summary
+
+    path = Path(report_path)
+    judge = (json.loads(path.read_text()) if path.is_file() else {}).get("judge")
+    return judge_summary(judge["model"], judge["metrics"]) if isinstance(judge, dict) else None
+
+
 def _print_summary(
     workflow: Workflow, run_id: str, outputs: dict[str, Manifest], seconds: float, resumed_from: str | None
 ) -> None:
@@ -317,6 +328,9 @@ def _print_summary(
             extra = [_fmt(reference.get(name))] if reference is not None else []
             table.add_row(name, _fmt(base), _fmt(trained), f"{trained - base:+.4f}", *extra)
         Console().print(table)
+        judged = _judge_line(report.report_path)
+        if judged:
+            print(judged)
         print(gate_summary(report.report_path))
         print(f"report: {report.report_path}")
     registered = outputs.get("registered_model")

@@ -96,6 +96,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from kitchen.serve import ModelSource, RegistryLocator, SamplerLocator, ServeSettings, create_app
     from kitchen.serve.feedback import FeedbackStore
     from kitchen.serve.source import Locator
+    from kitchen_assets.telemetry import configure_sinks
 
     api_key = os.environ.get(args.api_key_env) or None
     if args.host not in _LOOPBACK and api_key is None:
@@ -141,7 +142,12 @@ def serve_command(args: argparse.Namespace) -> int:
     )
     feedback = None if args.no_feedback else FeedbackStore(args.feedback_db)
     if feedback is not None:
-        print(f"kitchen: completions and feedback are kept in {feedback.path}", flush=True)
+        sinks = configure_sinks()  # kitchen.feedback.received, one per stored POST /v1/feedback
+        print(
+            f"kitchen: completions and feedback are kept in {feedback.path}; telemetry session "
+            f"{settings.session} to {', '.join(sinks) or 'no sinks'}",
+            flush=True,
+        )
     app = create_app(source, settings, feedback)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tinker import types
 
+from kitchen.atomic import atomic_directory
 from kitchen.hashing import hash_json
 from kitchen.home import home_dir
 from kitchen.manifests import DatumsManifest
@@ -376,6 +376,11 @@ def read_datums(path: str | Path) -> list[types.Datum]:
     ]
 
 
+def _complete(directory: Path) -> bool:
+    """A datums directory is complete once its last file is there (it is renamed into place whole)."""
+    return (directory / "test.parquet").exists()
+
+
 def save_datums(built: BuiltDatums, tokenizer_hash: str, out_dir: str | Path | None = None) -> DatumsManifest:
     """Write ``train.parquet`` and ``test.parquet`` into a directory named by the content hash
     (and tokenizer), atomically, and return the manifest. Saving the same datums again is a no-op."""
@@ -383,20 +388,10 @@ def save_datums(built: BuiltDatums, tokenizer_hash: str, out_dir: str | Path | N
     root.mkdir(parents=True, exist_ok=True)
     digest = built.content_hash()
     target = root / f"{digest[:16]}-{tokenizer_hash[:8]}"
-    if not (target / "test.parquet").exists():
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-        try:
+    if not _complete(target):
+        with atomic_directory(target, already_done=_complete) as staging:
             write_datums(staging / "train.parquet", built.train)
             write_datums(staging / "test.parquet", built.test)
-            try:
-                staging.rename(target)
-            except OSError:
-                if not (target / "test.parquet").exists():
-                    raise
-                shutil.rmtree(staging, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return built.manifest(target / "train.parquet", target / "test.parquet", tokenizer_hash)
 
 

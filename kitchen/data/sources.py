@@ -19,8 +19,6 @@ import io
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,7 +28,9 @@ from typing import Any, Literal, TypeAlias
 import datasets
 from datasets import Dataset, DatasetDict
 
+from kitchen.atomic import atomic_directory
 from kitchen.data.builtin import builtin_dataset, get_builtin, list_builtin_datasets
+from kitchen.data.dedup import DedupCounts, DedupMode, heldout_rows, unique_rows
 from kitchen.data.formats import CHAT, RowFormat
 from kitchen.data.schemas import MAX_SKIPPED_EXAMPLES, NormalizedRow, SchemaError
 from kitchen.home import home_dir
@@ -71,6 +71,7 @@ class LoadedDataset:
     preview: list[NormalizedRow]
     skipped_examples: list[str] = field(default_factory=list)
     row_format: RowFormat = CHAT
+    dedup: DedupCounts = field(default_factory=DedupCounts)
 
     def preview_rows(self) -> list[dict[str, str]]:
         """The first rows, readable (the dataset asset's preview table)."""
@@ -97,6 +98,7 @@ class LoadedDataset:
             skipped_rows=dict(self.skipped_rows),
             skipped_examples=list(self.skipped_examples),
             test_split_source=self.test_split_source,
+            dedup=self.dedup.as_dict(),
         )
 
 
@@ -110,6 +112,7 @@ def load_dataset_source(
     split: str | None = None,
     hub_timeout: float = 10.0,
     row_format: RowFormat = CHAT,
+    dedup: DedupMode = "all",
 ) -> LoadedDataset:
     """Load ``name`` and normalise it to ``train``/``test`` splits of ``row_format``'s rows (default chat:
     ``{"messages", "answer"}``).
@@ -121,7 +124,8 @@ def load_dataset_source(
     ``train``, or the only split); the test split is the first of ``row_format.test_splits`` present
     (``test``, ``validation``, ...) unless ``split`` is given or there is none, in which case
     ``test_size`` rows are split off with ``seed``. ``max_rows`` caps the rows read from
-    each source split (the first ones; built-ins generate no more than that).
+    each source split (the first ones; built-ins generate no more than that). ``dedup`` removes exact
+    duplicates (``kitchen.data.dedup``), counted in ``LoadedDataset.dedup``.
     """
     tried: list[str] = []
 
@@ -130,7 +134,7 @@ def load_dataset_source(
         train_size = min(max_rows, entry.train_size) if max_rows is not None else None
         raw = builtin_dataset(name, seed=seed, train_size=train_size)
         return _prepare(
-            entry.name, entry.name, "builtin", raw, None, test_size, seed, max_rows, split, row_format
+            entry.name, entry.name, "builtin", raw, None, test_size, seed, max_rows, split, row_format, dedup
         )
     known = ", ".join(sorted(b.name for b in list_builtin_datasets()))
     tried.append(f"not a built-in dataset (known: {known})")
@@ -139,7 +143,7 @@ def load_dataset_source(
     if path.exists():
         raw, kind = _load_local(path, row_format.split_names, max_rows)
         return _prepare(
-            name, str(path.resolve()), kind, raw, None, test_size, seed, max_rows, split, row_format
+            name, str(path.resolve()), kind, raw, None, test_size, seed, max_rows, split, row_format, dedup
         )
     tried.append(f"no such file or directory: {path}")
 
@@ -149,7 +153,7 @@ def load_dataset_source(
         hub = _load_hub(name, revision, hub_timeout, tried)
         if hub is not None:
             raw, sha = hub
-            return _prepare(name, name, "hub", raw, sha, test_size, seed, max_rows, split, row_format)
+            return _prepare(name, name, "hub", raw, sha, test_size, seed, max_rows, split, row_format, dedup)
     else:
         tried.append("not a Hugging Face Hub id (expected owner/name or owner/name:config)")
     raise DatasetSourceError(f"Cannot load dataset {name!r}: " + "; ".join(tried) + ".")
@@ -165,21 +169,15 @@ def save_dataset(loaded: LoadedDataset, out_dir: str | Path | None = None) -> Pa
     root.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", loaded.name.strip("/")).strip("._")[-60:] or "dataset"
     target = root / f"{slug}-{loaded.content_hash[:16]}"
-    if (target / "dataset_dict.json").exists():
+    if _saved(target):
         return target
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    try:
+    with atomic_directory(target, already_done=_saved) as staging:  # a concurrent writer may win: fine
         loaded.dataset.save_to_disk(str(staging))
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "dataset_dict.json").exists():  # a concurrent writer won the race: fine
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
+
+
+def _saved(directory: Path) -> bool:
+    return (directory / "dataset_dict.json").exists()
 
 
 def load_saved_dataset(path: str | Path) -> DatasetDict:
@@ -526,6 +524,7 @@ def _prepare(
     max_rows: int | None,
     split: str | None,
     row_format: RowFormat,
+    dedup: DedupMode = "all",
 ) -> LoadedDataset:
     train_name, test_name = _pick_splits(raw, split, name, row_format)
     train_raw = _head(raw[train_name], max_rows)
@@ -560,6 +559,9 @@ def _prepare(
             _head(raw[test_name], max_rows), schema, test_name, skipped, examples, row_format
         )
 
+    train_duplicates = 0
+    if dedup == "all":
+        train, train_duplicates = unique_rows(train)
     train_ds = Dataset.from_list(train, features=row_format.features)
     test_split_source: TestSplitSource = "source"
     if test_rows:
@@ -567,6 +569,18 @@ def _prepare(
     else:
         test_split_source = "seeded-split"
         train_ds, test_ds = _seeded_split(train_ds, test_size, seed, name)
+    counts = DedupCounts(dedup, train_duplicates)
+    if dedup != "off":
+        kept, test_duplicates, in_train = heldout_rows(test_ds.to_list(), train_ds.to_list())
+        counts = DedupCounts(dedup, train_duplicates, test_duplicates, in_train)
+        if not kept:
+            raise DatasetSourceError(
+                f"Dataset {name!r}: every held-out row is a duplicate or has a training prompt "
+                f"({test_duplicates} duplicates, {in_train} prompts in train); add rows with distinct "
+                "prompts, give a distinct test split, or set dedup='off' to keep them"
+            )
+        if len(kept) < len(test_ds):
+            test_ds = Dataset.from_list(kept, features=row_format.features)
     dataset = DatasetDict({"train": train_ds, "test": test_ds})
     return LoadedDataset(
         name=name,
@@ -581,6 +595,7 @@ def _prepare(
         preview=[dict(train_ds[i]) for i in range(min(PREVIEW_ROWS, len(train_ds)))],
         skipped_examples=examples,
         row_format=row_format,
+        dedup=counts,
     )
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from kitchen.atomic import atomic_directory
 from kitchen.hashing import hash_file, hash_tree
 from kitchen.home import home_dir
 from kitchen.locks import home_lock, once
@@ -106,18 +105,10 @@ def _dequantize_gguf(gguf: Path, target: Path, *, source_hash: str) -> None:
     model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_directory(target, replace=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         _write_info(staging, model, source=f"gguf:{source_hash}")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _write_info(directory: Path, model: Any, *, source: str) -> None:

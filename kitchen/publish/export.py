@@ -17,7 +17,6 @@ the machine that trained.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
+from kitchen.atomic import atomic_directory
 from kitchen.hashing import hash_file
 from kitchen.publish.base import (
     HubBase,
@@ -139,12 +139,9 @@ def write_export(
     loads (the Hub repo when pushing; by default the folder)."""
     out = out.expanduser().absolute()
     check_target(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the folder private to this user
-    try:
+    # Not private: mkdtemp's 0700 would make the folder this user's only. An empty ``out`` (checked above)
+    # is replaced by the rename.
+    with atomic_directory(out, private=False) as staging:
         if plan.merged:
             log(f"merging the adapter into the base model ({plan.recorded.display_name})")
             _write_merged(plan, staging)
@@ -168,12 +165,6 @@ def write_export(
             tracking_uri=plan.tracking_uri,
         )
         (staging / CARD).write_text(render_card(card))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

@@ -174,6 +174,8 @@ def lineage_tags(model: TrainedModel, provenance: Provenance, *, weights_id: str
             value = getattr(manifest, name, None)
             if isinstance(value, str):
                 tags[f"kitchen.{kind}.{name}"] = value
+    if report.judge_model:
+        tags["kitchen.eval.judge_model"] = report.judge_model
     if base.registered_version:
         tags["kitchen.base_model.registered_version"] = base.registered_version
     if base.revision:

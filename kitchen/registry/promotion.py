@@ -3,7 +3,9 @@
 Weights that failed the eval gate are never registered (``register_trained_model`` refuses them). A
 new version becomes ``champion`` when it strictly beats the current champion on the primary metric;
 otherwise it becomes ``challenger``. A champion that records no value
-for the metric is not displaced: there is no evidence the newcomer is better.
+for the metric is not displaced: there is no evidence the newcomer is better. Unless the newcomer was
+trained from the champion (a DPO run on feedback from a supervised champion): then its eval report's
+base column is the champion, measured on the same held-out data, and that is the value compared.
 """
 
 from __future__ import annotations
@@ -68,8 +70,10 @@ def decide_promotion(
     gate: GateResult,
     champion_version: str | None,
     champion_value: float | None,
+    champion_measured_here: bool = False,
 ) -> PromotionDecision:
-    """Apply the rule; ``champion_*`` describe the current holder of the alias (None: nobody)."""
+    """Apply the rule; ``champion_*`` describe the current holder of the alias (None: nobody);
+    ``champion_measured_here``: its value is the newcomer's report's base column (it started from it)."""
 
     def decide(alias: Alias, reason: str) -> PromotionDecision:
         return PromotionDecision(
@@ -99,5 +103,7 @@ def decide_promotion(
     direction = "lower" if lower_is_better else "higher"
     verdict = "beats" if beats else "does not beat"
     against = f"champion v{champion_version}'s {champion_value:.4g}"
+    if champion_measured_here:
+        against += " (measured as this run's starting model on its held-out data)"
     reason = f"{metric} {value:.4g} {verdict} {against} ({direction} wins)"
     return decide(CHAMPION if beats else CHALLENGER, reason)

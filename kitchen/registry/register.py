@@ -27,7 +27,7 @@ from kitchen.registry.lineage import (
     run_tags,
     weights_hash,
 )
-from kitchen.registry.names import validate_model_name
+from kitchen.registry.names import parse_model_ref, validate_model_name
 from kitchen.registry.promotion import CHALLENGER, CHAMPION, PromotionDecision, decide_promotion, eval_gate
 from kitchen.registry.store import MODEL_ARTIFACT_DIR, ModelRegistry, RegistryError
 
@@ -134,6 +134,7 @@ def register_trained_model(
                 model.lower_is_better,
                 log,
                 promote=promote,
+                started_from=model.base_model.registered_version,
             )
         except BaseException:
             if logged_run is not None:
@@ -334,6 +335,14 @@ def _refresh_eval_tags(registry: ModelRegistry, version: ModelVersion, tags: Map
             _race_safe(registry.client.set_model_version_tag, version.name, str(version.version), key, value)
 
 
+def _started_from(started: str | None, name: str, version: str) -> bool:
+    """Whether a model trained from ``started`` (``models:/NAME/VERSION``) started from ``name``/``version``."""
+    if not started:
+        return False
+    ref = parse_model_ref(started)
+    return (ref.name, ref.version) == (name, version)
+
+
 def promote_version(
     registry: ModelRegistry,
     name: str,
@@ -343,17 +352,26 @@ def promote_version(
     log: Log = lambda _: None,
     *,
     promote: bool = True,
+    started_from: str | None = None,
 ) -> PromotionDecision:
     """Apply the champion/challenger rule to a registered ``version`` whose evaluation is ``report``, move
-    the alias and record the decision as version tags. Without ``promote``, champion is withheld."""
+    the alias and record the decision as version tags. ``started_from``: the registered version the model
+    was trained from, if any (its champion is then measured in the report's base column). Without
+    ``promote``, champion is withheld."""
     client = registry.client
     aliases = registry.aliases(name)
     champion = aliases.get(CHAMPION)
     metric = report.primary_metric
-    champion_value = None
+    champion_value, measured_here = None, False
     if champion is not None and champion != version:
         raw = registry.version(name, champion).tags.get(f"kitchen.eval.{metric}")
         champion_value = float(raw) if raw is not None else None
+        if champion_value is None and _started_from(started_from, name, champion):
+            # The champion records no value for this metric (another workflow trained it, e.g. SFT before
+            # DPO on feedback), but this run started from it: the report's base column is the champion
+            # measured on this run's held-out data, beside the newcomer.
+            champion_value = report.base.get(metric)
+            measured_here = champion_value is not None
     decision = decide_promotion(
         version=version,
         metric=metric,
@@ -362,6 +380,7 @@ def promote_version(
         gate=eval_gate(report),
         champion_version=champion,
         champion_value=champion_value,
+        champion_measured_here=measured_here,
     )
     if not promote and decision.alias == CHAMPION and champion != version:
         withheld = f"{decision.reason}; left to the sweep report, which promotes only the best configuration"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from kitchen.atomic import atomic_directory
 from kitchen.hashing import hash_json
 from kitchen.home import home_dir, kitchen_home
 from kitchen.locks import file_lock, lock_path
@@ -369,20 +369,19 @@ class ModelRegistry:
             return target
         import mlflow.artifacts
 
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            fetched = mlflow.artifacts.download_artifacts(
-                artifact_uri=version.source,
-                dst_path=str(staging),
-                tracking_uri=self.tracking_uri,
-                registry_uri=self.registry_uri,
+        # A concurrent download of the same version may finish first: fine.
+        with atomic_directory(target, already_done=Path.is_dir) as staging:
+            fetched = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=version.source,
+                    dst_path=str(staging / ".fetch"),
+                    tracking_uri=self.tracking_uri,
+                    registry_uri=self.registry_uri,
+                )
             )
-            os.replace(fetched, target)
-        except OSError:
-            if not target.is_dir():  # not a concurrent download that finished first
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            for item in fetched.iterdir():  # the version's files, not the artifact folder holding them
+                item.rename(staging / item.name)
+            shutil.rmtree(staging / ".fetch")
         return target
 
 

@@ -6,9 +6,11 @@ training and evaluation render them. Every answer names the version that produce
 the ``X-Kitchen-Model-Version`` header), which matters because the version may change between requests
 when the served alias moves.
 
-Streaming (``stream: true``) speaks OpenAI's server-sent events, but the contract's ``sample`` returns
-whole sequences, so the role chunk is sent at once and each choice's text arrives in one chunk when its
-generation ends; tokens are not streamed as they are generated.
+Streaming (``stream: true``) speaks OpenAI's server-sent events. The contract's ``sample`` returns whole
+sequences; a client with the optional ``StreamingSamplingClient`` capability (the local engine) also reports
+each token as it is generated, and its text is sent as it forms (held back only while it could be the start
+of a stop sequence or an incomplete character), so the deltas add up to exactly the non-streamed reply.
+Without it (Tinker) each choice's text arrives in one chunk when its generation ends.
 
 The bearer key is compared in constant time and never logged or echoed; request bodies and message
 contents are not logged either (one line per completion: id, version, token counts, latency).
@@ -33,10 +35,11 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tinker import types
 
-from kitchen.contract import ResultFuture
+from kitchen import telemetry
+from kitchen.contract import ResultFuture, StreamingSamplingClient, TokenListener
 from kitchen.data.datums import generation_prompt
 from kitchen.serve.batching import Batcher, wait_result
-from kitchen.serve.feedback import FeedbackStore, UnknownCompletion
+from kitchen.serve.feedback import Feedback, FeedbackStore, UnknownCompletion
 from kitchen.serve.schema import (
     AssistantMessage,
     ChatCompletion,
@@ -54,12 +57,18 @@ from kitchen.serve.schema import (
     Usage,
 )
 from kitchen.serve.source import ModelSource, Served
+from kitchen.telemetry.events import FEEDBACK_RECEIVED
 
 log = logging.getLogger("kitchen.serve")
 
 VERSION_HEADER = "X-Kitchen-Model-Version"
 _Body = TypeVar("_Body", bound=BaseModel)
 API_KEY_ENV = "KITCHEN_SERVE_API_KEY"
+
+
+def new_session_id() -> str:
+    """``serve-<UTC time>-<random>``: sorts by start time, usable as a file name."""
+    return f"serve-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,9 @@ class ServeSettings:
     max_n: int = 8
     batch_window_s: float = 0.005
     max_batch: int = 32
+    session: str = field(default_factory=new_session_id)
+    """The telemetry ``run_id`` of this server's events (``kitchen.feedback.received``): the JSONL sink
+    writes them to ``$KITCHEN_HOME/telemetry/<session>.jsonl``."""
 
 
 class APIError(Exception):
@@ -156,6 +168,7 @@ def create_app(
             "serving_since": served.since,
             "last_checked": source.last_checked,
             "last_error": source.last_error,
+            "session": settings.session,
             "batching": {
                 "submissions": batcher.stats.submissions,
                 "requests": batcher.stats.requests,
@@ -222,8 +235,15 @@ def create_app(
             seed=chat.seed,
         )
         started = time.perf_counter()
+        tokens: asyncio.Queue[tuple[int, int]] | None = None
+        on_token: TokenListener | None = None
+        if chat.stream and isinstance(served.client, StreamingSamplingClient):
+            tokens = asyncio.Queue()
+            on_token = _listener(asyncio.get_running_loop(), tokens)
         try:
-            future = await batcher.submit(served.client, types.ModelInput.from_ints(prompt), n, params)
+            future = await batcher.submit(
+                served.client, types.ModelInput.from_ints(prompt), n, params, on_token=on_token
+            )
         except ValueError as err:  # refused by the sampler: prompt too long for the context window, ...
             raise APIError(400, str(err), param="messages", code="invalid_value") from err
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -234,7 +254,7 @@ def create_app(
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return StreamingResponse(
-                _events(future, served, completion_id, created, n, include_usage, finish),
+                _events(future, tokens, served, completion_id, created, n, include_usage, finish),
                 media_type="text/event-stream",
                 headers={**version_headers(served), "Cache-Control": "no-cache"},
             )
@@ -272,6 +292,7 @@ def create_app(
         except UnknownCompletion as err:
             raise APIError(404, str(err), param="completion_id", code="completion_not_found") from err
         log.info("%s on %s (%s)", stored.id, stored.completion_id, stored.model_version)
+        await asyncio.to_thread(_feedback_received, stored, settings.session)
         receipt = FeedbackReceipt(
             id=stored.id,
             created=int(stored.created),
@@ -282,6 +303,27 @@ def create_app(
         return JSONResponse(receipt.model_dump(), headers={VERSION_HEADER: stored.model_version})
 
     return app
+
+
+def _feedback_received(stored: Feedback, session: str) -> None:
+    """``kitchen.feedback.received`` for one stored POST: ids, version and what kind of feedback, never
+    the texts (sinks are logs)."""
+    measurements: dict[str, float] = {"seq": stored.seq, "choice_index": stored.choice_index}
+    if stored.score is not None:
+        measurements["score"] = stored.score
+    telemetry.emit(
+        FEEDBACK_RECEIVED,
+        measurements,
+        {
+            "run_id": session,
+            "workflow": "serve",
+            "feedback_id": stored.id,
+            "completion_id": stored.completion_id,
+            "model_version": stored.model_version,
+            "rating": stored.rating,
+            "corrected": stored.correction is not None,
+        },
+    )
 
 
 def _messages(chat: ChatCompletionRequest) -> list[dict[str, str]]:
@@ -322,7 +364,7 @@ class _Finisher:
         for sequence in response.sequences:
             completion_tokens += len(sequence.tokens)
             text = self.served.tokenizer.decode(sequence.tokens, skip_special_tokens=True)
-            cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+            cut = _first_stop(text, self.stops)
             if cut >= 0:
                 choices.append((text[:cut], "stop"))
             else:
@@ -343,8 +385,57 @@ class _Finisher:
         return choices, usage
 
 
+def _first_stop(text: str, stops: list[str]) -> int:
+    """Where the first stop sequence starts in ``text``; -1 when none does."""
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+
+
+def _listener(loop: asyncio.AbstractEventLoop, tokens: asyncio.Queue[tuple[int, int]]) -> TokenListener:
+    """Hands tokens from the sampler's thread to the request's queue on the event loop."""
+
+    def on_token(index: int, token: int) -> None:
+        loop.call_soon_threadsafe(tokens.put_nowait, (index, token))
+
+    return on_token
+
+
+class _StreamText:
+    """One choice's text as its tokens arrive: the part that is certain, cut as ``_Finisher`` cuts it."""
+
+    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, stops
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """The new text to send after ``token`` (often empty)."""
+        if self.stopped:
+            return ""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = _first_stop(text, self.stops)
+        if cut >= 0:
+            text, self.stopped = text[:cut], True
+        else:  # hold back what may yet become a stop sequence, and a character still missing bytes
+            held = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[: len(text) - held].rstrip("\ufffd")
+        if not text.startswith(self.sent):  # the decoding of earlier tokens changed: wait for the end
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+    def rest(self, final: str) -> str:
+        """What remains to send of the choice's final text."""
+        if final.startswith(self.sent):
+            return final[len(self.sent) :]
+        log.warning("a streamed reply's text differs from its final decoding; sent %d chars", len(self.sent))
+        return ""
+
+
 async def _events(
     future: ResultFuture[types.SampleResponse],
+    tokens: asyncio.Queue[tuple[int, int]] | None,
     served: Served,
     cid: str,
     created: int,
@@ -363,17 +454,42 @@ async def _events(
         )
         return _sse(body)
 
+    def content(index: int, text: str) -> str:
+        return chunk([ChunkChoice(index=index, delta=Delta(content=text))])
+
     yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(n)])
+    texts = [_StreamText(served.tokenizer, finish.stops) for _ in range(n)]
+    result = asyncio.ensure_future(_result(future))
+    getter: asyncio.Future[tuple[int, int]] | None = None
     try:
-        response = await _result(future)
+        while tokens is not None:  # tokens as generated, until the whole response is in
+            getter = asyncio.ensure_future(tokens.get())
+            done, _ = await asyncio.wait({getter, result}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                break
+            index, token = getter.result()
+            if delta := texts[index].push(token):
+                yield content(index, delta)
+        while tokens is not None and not tokens.empty():  # every token is queued before the result
+            index, token = tokens.get_nowait()
+            if delta := texts[index].push(token):
+                yield content(index, delta)
+        response = await result
     except APIError as err:
         yield _sse(ErrorBody(error=err.detail))
         yield "data: [DONE]\n\n"
         return
+    finally:  # the client went away mid-stream: stop waiting (no-ops once done)
+        result.cancel()
+        if getter is not None:
+            getter.cancel()
     choices, usage = finish(response)
     await finish.save(choices)
     for index, (text, _) in enumerate(choices):
-        yield chunk([ChunkChoice(index=index, delta=Delta(content=text))])
+        rest = texts[index].rest(text) if tokens is not None else text
+        if rest or tokens is None:
+            yield content(index, rest)
     for index, (_, reason) in enumerate(choices):
         yield chunk([ChunkChoice(index=index, delta=Delta(), finish_reason=reason)])
     if include_usage:

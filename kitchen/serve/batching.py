@@ -18,7 +18,7 @@ from typing import Any
 
 from tinker import types
 
-from kitchen.contract import ResultFuture, SamplingClient
+from kitchen.contract import ResultFuture, SamplingClient, StreamingSamplingClient, TokenListener
 
 
 @dataclass
@@ -28,6 +28,7 @@ class _Job:
     num_samples: int
     params: types.SamplingParams
     submitted: asyncio.Future[ResultFuture[types.SampleResponse]]
+    on_token: TokenListener | None = None
 
 
 @dataclass
@@ -67,15 +68,23 @@ class Batcher:
             self._task = None
 
     async def submit(
-        self, client: SamplingClient, prompt: types.ModelInput, num_samples: int, params: types.SamplingParams
+        self,
+        client: SamplingClient,
+        prompt: types.ModelInput,
+        num_samples: int,
+        params: types.SamplingParams,
+        on_token: TokenListener | None = None,
     ) -> ResultFuture[types.SampleResponse]:
         """The client's future for this request, once submitted. A request the client refuses at
-        submission (``ValueError``: prompt longer than the context window, ...) raises here."""
+        submission (``ValueError``: prompt longer than the context window, ...) raises here. With
+        ``on_token`` the client must be a ``StreamingSamplingClient``: tokens are reported as generated."""
         assert self._queue is not None, "Batcher.start() first"
+        if on_token is not None and not isinstance(client, StreamingSamplingClient):
+            raise TypeError(f"{type(client).__name__} cannot stream tokens (no sample_streaming)")
         submitted: asyncio.Future[ResultFuture[types.SampleResponse]] = (
             asyncio.get_running_loop().create_future()
         )
-        await self._queue.put(_Job(client, prompt, num_samples, params, submitted))
+        await self._queue.put(_Job(client, prompt, num_samples, params, submitted, on_token))
         return await submitted
 
     async def sample(
@@ -113,7 +122,12 @@ def _submit_all(batch: list[_Job]) -> list[ResultFuture[types.SampleResponse] | 
     outcomes: list[ResultFuture[types.SampleResponse] | BaseException] = []
     for job in batch:
         try:
-            outcomes.append(job.client.sample(job.prompt, job.num_samples, job.params))
+            if job.on_token is not None:
+                assert isinstance(job.client, StreamingSamplingClient)
+                future = job.client.sample_streaming(job.prompt, job.num_samples, job.params, job.on_token)
+            else:
+                future = job.client.sample(job.prompt, job.num_samples, job.params)
+            outcomes.append(future)
         except Exception as err:
             outcomes.append(err)
     return outcomes

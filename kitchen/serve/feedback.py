@@ -129,12 +129,14 @@ class FeedbackStore:
                 raise UnknownCompletion(f"no completion {completion_id!r} on record")
             if not 0 <= choice_index < len(json.loads(row[0])):
                 raise UnknownCompletion(f"completion {completion_id!r} has no choice {choice_index}")
-            db.execute(
+            inserted = db.execute(
                 "INSERT INTO feedback (id, created, completion_id, choice_index, rating, score, correction) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (feedback_id, time.time(), completion_id, choice_index, rating, score, correction),
             )
-        [stored] = [f for f in self.feedback() if f.id == feedback_id]
+            seq = inserted.lastrowid
+        assert seq is not None
+        [stored] = [f for f in self.feedback(after_seq=seq - 1) if f.id == feedback_id]
         return stored
 
     def feedback(self, after_seq: int = 0) -> list[Feedback]:

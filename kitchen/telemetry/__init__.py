@@ -12,6 +12,7 @@ See ``events.py`` for the catalogue and ``sinks/`` for JSONL, MLflow and OpenTel
 from kitchen.telemetry.events import (
     DEPLOYMENT_UPDATED,
     EVAL_COMPLETE,
+    FEEDBACK_BATCH,
     FEEDBACK_RECEIVED,
     HANDLER_FAILED,
     MODEL_REGISTERED,
@@ -47,6 +48,7 @@ from kitchen.telemetry.events import (
 __all__ = [
     "DEPLOYMENT_UPDATED",
     "EVAL_COMPLETE",
+    "FEEDBACK_BATCH",
     "FEEDBACK_RECEIVED",
     "HANDLER_FAILED",
     "MODEL_REGISTERED",

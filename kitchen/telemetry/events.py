@@ -206,6 +206,13 @@ DEPLOYMENT_UPDATED = register_event(
 ).name
 FEEDBACK_RECEIVED = register_event(
     "kitchen.feedback.received",
+    measurements=("seq", "choice_index"),
+    metadata=("feedback_id", "completion_id", "model_version", "rating", "corrected"),
+    description="kitchen serve stored one POST /v1/feedback (score among the measurements when given; "
+    "never the texts). run_id is the serving session (serve-...), workflow 'serve'.",
+).name
+FEEDBACK_BATCH = register_event(
+    "kitchen.feedback.batch",
     measurements=("feedback", "pairs", "sft_rows", "skipped"),
     metadata=("batch", "after_seq", "last_seq", "by_version"),
     description="A batch of feedback on served replies was taken in as training data (the feedback asset).",

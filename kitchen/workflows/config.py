@@ -51,6 +51,33 @@ class DatasetSection(Section):
     test_size: float = Field(default=0.1, gt=0.0, lt=1.0, description="Held-out fraction when no test split.")
     max_rows: int | None = Field(default=None, ge=1, description="Cap on training rows (after normalising).")
     data_seed: int = Field(default=0, ge=0, description="Seed for splitting and built-in generation.")
+    dedup: Literal["all", "heldout", "off"] = Field(
+        default="all",
+        description="Exact duplicates (normalised text) to remove: 'all' (within train, within held-out, and "
+        "held-out rows whose prompt is in train), 'heldout' (the held-out split only), 'off'.",
+    )
+
+    decontaminate: bool = Field(
+        default=False,
+        description="Drop held-out rows whose prompt is a near duplicate of a training prompt (sentence "
+        "embeddings + the vector store; opt-in: about 30 s for kitchen/arithmetic on 2 CPU cores, cached "
+        "after).",
+    )
+    # Measured by bench/decontamination.py on 24 hand-written chat requests with all-MiniLM-L6-v2:
+    # paraphrases score 0.70-0.97 (median 0.88); a different request's nearest other request at most 0.78.
+    # 0.85 flags no distinct request with a 0.07 margin and catches 15 of 24 paraphrases (0.80: 20 of 24,
+    # a 0.02 margin). Templated prompts ("What is 68 + 81?") score above 0.8 whatever their numbers.
+    decontaminate_threshold: float = Field(
+        default=0.85,
+        gt=0.0,
+        le=1.0,
+        description="Cosine similarity at or above which a held-out prompt counts as a near duplicate "
+        "(0.85: measured for all-MiniLM-L6-v2, README).",
+    )
+    decontaminate_keep: bool = Field(
+        default=False,
+        description="Only flag near duplicates in the metadata; keep them in the held-out split.",
+    )
 
     def load(self, row_format: RowFormat | None = None) -> LoadedDataset:
         """The source with these settings, normalised to ``row_format`` (chat when None), skips counted:
@@ -65,6 +92,7 @@ class DatasetSection(Section):
             max_rows=self.max_rows,
             revision=self.dataset_revision,
             row_format=CHAT if row_format is None else row_format,
+            dedup=self.dedup,
         )
 
 

@@ -19,6 +19,7 @@ from kitchen.manifests import (
     Manifest,
     WeightsManifest,
 )
+from kitchen.ports.llm import LLMClient
 
 Log = Callable[[str], None]
 
@@ -50,6 +51,8 @@ class EvalContext:
     service: ServiceClient
     out_dir: Path
     log: Log
+    judge: Callable[[], LLMClient] | None = None
+    """Opens the ``llm`` resource's client, for evaluations that ask an LLM judge (opened only then)."""
 
     def base_client(self) -> SamplingClient:
         """The model training started from: the base, or the registered adapter it was given."""

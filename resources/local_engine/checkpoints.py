@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from kitchen import atomic
 from kitchen.hashing import hash_file
 
 STATE_MANIFEST = "kitchen_state.json"
@@ -61,54 +60,17 @@ def _write_failed(target: Path, error: BaseException) -> CheckpointWriteError:
 
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a staging directory that replaces ``target`` only if the block completes.
-
-    An existing ``target`` is swapped out by two renames and then deleted, so a reader sees the old
-    checkpoint, briefly nothing, then the new one: never a mixture. Any failure to write (the writers
-    report a full disk without a file name) is raised as ``CheckpointWriteError`` naming ``target``.
-    """
+    """``kitchen.atomic.atomic_directory`` for a checkpoint: it replaces an existing one (a reader sees the
+    old checkpoint, briefly nothing, then the new one: never a mixture), fsyncs what it wrote, and raises
+    any failure to write (the writers report a full disk without a file name) as ``CheckpointWriteError``
+    naming ``target``."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
-    except OSError as error:
-        raise _write_failed(target, error) from error
-    try:
-        try:
+        with atomic.atomic_directory(target, replace=True, durable=True) as staging:
             yield staging
-            for path in staging.rglob("*"):
-                if path.is_file():
-                    _fsync(path)
-            _swap_into_place(staging, target)
-        except Exception as error:
-            if isinstance(error, CheckpointError):
-                raise
-            raise _write_failed(target, error) from error
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except CheckpointError:
         raise
-    _fsync(target.parent)
-
-
-def _swap_into_place(staging: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(staging, target)
-        return
-    retired = target.parent / f".{target.name}.retired-{uuid.uuid4().hex[:8]}"
-    os.rename(target, retired)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(retired, target)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    except Exception as error:
+        raise _write_failed(target, error) from error
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -17,8 +17,9 @@ the same quantity ``compute_logprobs`` and training's ``forward`` report.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 from tinker import types
 
 _MAX_BYTES_PER_CHAR = 4
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class RowParams:
     top_p: float
     stop: StopRule
     seed: int
+    on_token: Callable[[int], None] | None = field(default=None, compare=False)
+    """Called with each token as it is chosen (streaming); a listener that raises is dropped, not the row."""
 
 
 @dataclass
@@ -123,6 +127,7 @@ def generate(
     positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
     next_position = attention.sum(dim=-1, keepdim=True)
     active = list(range(len(rows)))
+    deaf: set[int] = set()
     with torch.inference_mode():
         out = model(
             input_ids=input_ids.to(device),
@@ -144,6 +149,14 @@ def generate(
                 result.logprobs.append(float(logprobs[batch_index, token]))
                 result.stop_reason = _stop_reason(tokenizer, row, result)
                 chosen.append(token)
+                if row.on_token is not None and row_index not in deaf:
+                    try:
+                        row.on_token(token)
+                    except Exception:  # the listener's failure (a client gone) must not fail the batch
+                        log.warning(
+                            "a token listener raised; row %d streams no more", row_index, exc_info=True
+                        )
+                        deaf.add(row_index)
             keep = [i for i, row_index in enumerate(active) if results[row_index].stop_reason is None]
             if not keep:
                 return results

@@ -12,6 +12,7 @@ Every sampler runs the process's one shared base model; a sampler on trained wei
 
 from __future__ import annotations
 
+import functools
 import itertools
 import secrets
 import threading
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from tinker import types
 
+from kitchen.contract import TokenListener
 from resources.futures import EngineFuture
 from resources.local_engine.checkpoints import read_sampler
 from resources.local_engine.generation import RowParams, RowResult, check_sampling_params, generate, stop_rule
@@ -112,6 +114,30 @@ class LocalSamplingClient:
         if any(unsupported.values()):
             asked = [name for name, used in unsupported.items() if used]
             raise ValueError(f"sample({', '.join(asked)}=...) is not supported by the local engine")
+        return self._sample(
+            prompt, num_samples, sampling_params, include_prompt_logprobs, prompt_logprobs_last_n
+        )
+
+    def sample_streaming(
+        self,
+        prompt: types.ModelInput,
+        num_samples: int,
+        sampling_params: types.SamplingParams,
+        on_token: TokenListener,
+    ) -> EngineFuture[types.SampleResponse]:
+        """``sample``, reporting each token to ``on_token(choice index, token)`` as it is generated
+        (``kitchen.contract.StreamingSamplingClient``); same batching, seeds and result."""
+        return self._sample(prompt, num_samples, sampling_params, False, None, on_token)
+
+    def _sample(
+        self,
+        prompt: types.ModelInput,
+        num_samples: int,
+        sampling_params: types.SamplingParams,
+        include_prompt_logprobs: bool,
+        prompt_logprobs_last_n: int | None,
+        on_token: TokenListener | None = None,
+    ) -> EngineFuture[types.SampleResponse]:
         tokens = self._prompt_tokens(prompt)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -128,6 +154,7 @@ class LocalSamplingClient:
                 top_p=sampling_params.top_p,
                 stop=stop,
                 seed=_row_seed(base_seed, index),
+                on_token=None if on_token is None else functools.partial(on_token, index),
             )
             for index in range(num_samples)
         ]

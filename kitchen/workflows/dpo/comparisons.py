@@ -11,8 +11,6 @@ answer.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tinker import types
 
+from kitchen.atomic import atomic_directory
 from kitchen.data.datums import TrainOn, datums_hash, read_datums, render_conversation, write_datums
 from kitchen.hashing import hash_json
 from kitchen.home import home_dir
@@ -106,6 +105,11 @@ def content_hash(train: Pairs, test: Pairs) -> str:
     )
 
 
+def _complete(directory: Path) -> bool:
+    """Complete once ``pairs.json``, written last, is there (the directory is renamed into place whole)."""
+    return (directory / "pairs.json").exists()
+
+
 def save_comparisons(
     train: Pairs,
     test: Pairs,
@@ -120,21 +124,11 @@ def save_comparisons(
     root.mkdir(parents=True, exist_ok=True)
     digest = content_hash(train, test)
     target = root / f"dpo-{digest[:16]}-{tokenizer_hash[:8]}"
-    if not (target / "pairs.json").exists():
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-        try:
+    if not _complete(target):
+        with atomic_directory(target, already_done=_complete) as staging:
             write_datums(staging / "train.parquet", train.datums)
             write_datums(staging / "test.parquet", test.datums)
             (staging / "pairs.json").write_text(json.dumps({"train": train.rows, "test": test.rows}))
-            try:
-                staging.rename(target)
-            except OSError:
-                if not (target / "pairs.json").exists():
-                    raise
-                shutil.rmtree(staging, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return ComparisonsManifest(
         train_path=str(target / "train.parquet"),
         test_path=str(target / "test.parquet"),

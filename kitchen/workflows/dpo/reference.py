@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tinker import types
 
+from kitchen.atomic import atomic_directory
 from kitchen.contract import SamplingClient
 from kitchen.hashing import hash_json
 from kitchen.home import home_dir
@@ -105,24 +104,14 @@ def save_reference_logprobs(
     """One Parquet file per split plus ``meta.json``, written to a temporary sibling and renamed, so a
     reader never sees half of them (``meta.json`` marks a complete directory)."""
     digest = logprobs_hash(splits)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     stored = StoredReference(directory, digest, sum(len(v) for v in splits.values()), seconds)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
+    # A concurrent writer of the same values may win the rename: fine.
+    with atomic_directory(directory, already_done=lambda d: load_stored_reference(d) is not None) as staging:
         for split, values in splits.items():
             column = pa.array([np.asarray(v, dtype=np.float32) for v in values], type=_SCHEMA[0].type)
             pq.write_table(pa.Table.from_arrays([column], schema=_SCHEMA), staging / f"{split}.parquet")
         meta = {"content_hash": digest, "num_sequences": stored.num_sequences, "seconds": seconds}
         (staging / _META).write_text(json.dumps(meta))
-        try:
-            staging.rename(directory)
-        except OSError:
-            if load_stored_reference(directory) is None:
-                raise
-            shutil.rmtree(staging, ignore_errors=True)  # a concurrent writer of the same values won: fine
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return stored
 
 

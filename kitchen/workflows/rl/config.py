@@ -70,6 +70,12 @@ class RLDatasetSection(DatasetSection, RewardChoice):
         "JSONL/CSV/Parquet file, directory or Hub id with question/answer (GSM8K), prompt/answer, "
         "problem/answer, problem/solution (\\boxed{}) or messages(+answer) rows.",
     )
+    dedup: Literal["all", "heldout", "off"] = Field(
+        default="heldout",
+        description="Exact duplicates (normalised text) to remove: 'heldout' (within held-out, and held-out "
+        "problems seen in training; training repeats are kept, as the cookbook's i.i.d. draws have them), "
+        "'all' (training repeats too), 'off'.",
+    )
     fewshot: bool = Field(
         default=True,
         description="Start each prompt with one worked example in the answer format the reward checks "

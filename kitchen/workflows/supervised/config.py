@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, model_validator
 
 from kitchen.workflows.config import (
     DatasetSection,
@@ -16,18 +16,45 @@ from kitchen.workflows.config import (
     TrainingSection,
 )
 
+
+class SupervisedEvalSection(EvalSection):
+    REPORTED_METRICS: ClassVar[tuple[str, ...]] = (*EvalSection.REPORTED_METRICS, "judge_win_rate")
+
+    judge: bool = Field(
+        default=False,
+        description="Add a pairwise LLM judge (the llm resource: KITCHEN_LLM_URL, else the packaged model "
+        "sampled locally): base vs trained replies in both orders, win rate with a 95% CI.",
+    )
+    judge_examples: int = Field(
+        default=20, ge=1, le=100000, description="Held-out prompts the judge compares (the first ones)."
+    )
+    judge_max_tokens: int = Field(default=8, ge=1, le=4096, description="Max tokens of one judge verdict.")
+
+    @model_validator(mode="after")
+    def _judge_metric_needs_judge(self) -> SupervisedEvalSection:
+        if self.gate_metric == "judge_win_rate" and not self.judge:
+            raise ValueError("gate_metric judge_win_rate needs the judge: add --judge")
+        return self
+
+
 SECTIONS: dict[str, type[BaseModel]] = {
     "base_model": ModelSection,
     "dataset": DatasetSection,
     "datums": DatumsSection,
     "train": TrainingSection,
-    "eval_report": EvalSection,
+    "eval_report": SupervisedEvalSection,
     "registered_model": RegistrySection,
 }
 
 
 class SupervisedConfig(
-    RunConfig, ModelSection, DatasetSection, DatumsSection, TrainingSection, EvalSection, RegistrySection
+    RunConfig,
+    ModelSection,
+    DatasetSection,
+    DatumsSection,
+    TrainingSection,
+    SupervisedEvalSection,
+    RegistrySection,
 ):
     """Everything a supervised run takes, flat (``kitchen run supervised`` and ``supervised_job``)."""
 
