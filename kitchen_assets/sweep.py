@@ -132,7 +132,8 @@ def _registered_start(workflow: Workflow, instance: dg.DagsterInstance, key: str
     ``base_model`` asset resolved it, when that asset was made for this configuration's model."""
     path = recorded_manifest_path(latest_materialization(instance, asset_key(workflow, "base_model")))
     base = read_manifest_file(path) if path and Path(path).is_file() else None
-    if isinstance(base, BaseModelManifest) and base.name == config_from_key(workflow, key).model:
+    model = getattr(config_from_key(workflow, key), "model", None)
+    if isinstance(base, BaseModelManifest) and base.name == model:
         return base.registered_version
     return None
 

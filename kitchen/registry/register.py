@@ -336,7 +336,7 @@ def _refresh_eval_tags(registry: ModelRegistry, version: ModelVersion, tags: Map
 
 
 def _started_from(started: str | None, name: str, version: str) -> bool:
-    """Whether a model trained from ``started`` (``models:/NAME/VERSION``) started from ``name``/``version``."""
+    """Whether a model trained from ``started`` (``models:/NAME/VERSION``) began at ``name``/``version``."""
     if not started:
         return False
     ref = parse_model_ref(started)
