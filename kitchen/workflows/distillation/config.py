@@ -62,13 +62,6 @@ class SamplingSection(Section):
     )
 
 
-class TeacherSamplesSection(SamplingSection):
-    samples_per_prompt: int = Field(
-        default=1, ge=1, le=64, description="Off-policy: teacher completions sampled per training prompt."
-    )
-    sample_seed: int = Field(default=0, ge=0, description="Off-policy: seed of the teacher's samples.")
-
-
 #: Optimizer steps by default: the embedded demo (on-policy, 16 prompts a step, SmolLM2-135M) in about 7
 #: minutes on a quiet 2-core CPU; a full epoch of the built-in arithmetic set is 80.
 DEFAULT_MAX_STEPS = 40
@@ -101,6 +94,24 @@ class DistillTrainingSection(TrainingSection, SamplingSection):
         description="On-policy: discount of future per-token KL folded into each token's advantage "
         "(0: none).",
     )
+
+
+class TeacherSamplesSection(SamplingSection):
+    samples_per_prompt: int = Field(
+        default=1, ge=1, le=64, description="Off-policy: teacher completions sampled per training prompt."
+    )
+    sample_seed: int = Field(default=0, ge=0, description="Off-policy: seed of the teacher's samples.")
+    # The train section's own fields (one flag each): off-policy samples only the prompts training reaches.
+    batch_size: int = DistillTrainingSection.model_fields["batch_size"]
+    max_steps: int | None = DistillTrainingSection.model_fields["max_steps"]
+
+    def prompts_to_sample(self, available: int) -> int:
+        """How many training prompts (the first ones, in split order) the teacher answers: those
+        ``max_steps`` steps of ``batch_size`` samples use, or all of them without ``max_steps``. Sampling
+        the rest would cost teacher time (most of an off-policy run on a CPU) for replies never trained on."""
+        if self.max_steps is None:
+            return available
+        return min(available, -(-self.max_steps * self.batch_size // self.samples_per_prompt))
 
 
 class DistillEvalSection(EvalSection):
