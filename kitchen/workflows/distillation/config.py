@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from kitchen.workflows.config import (
     MISSING_DEFAULT_HINT,
+    BatchSection,
     DatasetSection,
     DatumsSection,
     EvalSection,
@@ -67,13 +68,19 @@ class SamplingSection(Section):
 DEFAULT_MAX_STEPS = 40
 
 
-class DistillTrainingSection(TrainingSection, SamplingSection):
+class StepBudget(BatchSection):
+    """How many samples training takes: read by training and by the off-policy teacher samples, which
+    samples only those."""
+
     max_steps: int | None = Field(
         default=DEFAULT_MAX_STEPS,
         ge=1,
         description="Stop after this many optimizer steps (the default keeps the embedded demo within its "
         "CPU budget; raise it to use more of a larger prompt set).",
     )
+
+
+class DistillTrainingSection(StepBudget, TrainingSection, SamplingSection):
     group_size: int = Field(
         default=1,
         ge=1,
@@ -96,14 +103,11 @@ class DistillTrainingSection(TrainingSection, SamplingSection):
     )
 
 
-class TeacherSamplesSection(SamplingSection):
+class TeacherSamplesSection(StepBudget, SamplingSection):
     samples_per_prompt: int = Field(
         default=1, ge=1, le=64, description="Off-policy: teacher completions sampled per training prompt."
     )
     sample_seed: int = Field(default=0, ge=0, description="Off-policy: seed of the teacher's samples.")
-    # The train section's own fields (one flag each): off-policy samples only the prompts training reaches.
-    batch_size: int = DistillTrainingSection.model_fields["batch_size"]
-    max_steps: int | None = DistillTrainingSection.model_fields["max_steps"]
 
     def prompts_to_sample(self, available: int) -> int:
         """How many training prompts (the first ones, in split order) the teacher answers: those
