@@ -12,7 +12,7 @@ from jobs.automation import evaluation_job, new_weights_sensor
 from jobs.feedback import FeedbackRetrainSettings, feedback_job, feedback_sensor, feedback_target
 from jobs.lifecycle import run_lifecycle_sensors
 from jobs.sensors import RetrainSettings, failure_settings_from_env, retraining_sensor, run_failure_recorder
-from jobs.workflow_jobs import job_name, workflow_job
+from jobs.workflow_jobs import job_name, sweep_job, sweep_report_job, workflow_job
 from kitchen.workflows import Workflow
 from kitchen_assets.feedback import feedback_settings
 
@@ -24,7 +24,8 @@ class Automation:
 
 
 def kitchen_automation(workflows: Sequence[Workflow]) -> Automation:
-    """Per workflow: ``<name>_job`` (the whole group), ``<name>_evaluation_job``, retraining on dataset
+    """Per workflow: ``<name>_job`` (the whole group), ``<name>_evaluation_job``, the sweep's
+    ``<name>_sweep_job`` (partitioned) and ``<name>_sweep_report_job``, retraining on dataset
     change and evaluation of new weights; for every job, one failure recorder and the run lifecycle
     telemetry sensors; with ``KITCHEN_FEEDBACK=on``, ``feedback_job`` and retraining on served feedback.
     Sensors are configured from the environment when the code location loads (``jobs.sensors``,
@@ -34,7 +35,7 @@ def kitchen_automation(workflows: Sequence[Workflow]) -> Automation:
     by_name: dict[str, UnresolvedAssetJobDefinition] = {}
     for workflow in workflows:
         job, evaluation = workflow_job(workflow), evaluation_job(workflow)
-        jobs += [job, evaluation]
+        jobs += [job, evaluation, sweep_job(workflow), sweep_report_job(workflow)]
         by_name[workflow.name] = job
         sensors.append(retraining_sensor(job, RetrainSettings.from_env(workflow)))
         sensors.append(new_weights_sensor(workflow, evaluation))

@@ -7,6 +7,7 @@ from dagster._core.definitions.unresolved_asset_job_definition import Unresolved
 
 from kitchen.workflows import Workflow, split_run_config
 from kitchen_assets.factory import dagster_config, op_configs
+from kitchen_assets.sweep import SWEEP_TAG, report_key, sweep_keys, sweep_name
 
 WORKFLOW_TAG = "kitchen/workflow"
 # Run-level retry: the training step retries transient backend errors itself (its RetryPolicy) and fails
@@ -46,4 +47,26 @@ def workflow_job(workflow: Workflow) -> UnresolvedAssetJobDefinition:
         config=run_config_mapping(workflow),
         description=workflow.summary,
         tags={WORKFLOW_TAG: workflow.name, **RUN_RETRY_TAGS},
+    )
+
+
+def sweep_job(workflow: Workflow) -> UnresolvedAssetJobDefinition:
+    """``<workflow>_sweep_job``: one configuration's training, evaluation and registration per partition
+    (each partition's settings come from its key, so a backfill needs no config). Runs of a backfill queue
+    like any run: ``run_queue`` in ``dagster.yaml`` limits how many train at once (README: Sweeps)."""
+    return dg.define_asset_job(
+        name=f"{sweep_name(workflow)}_job",
+        selection=dg.AssetSelection.assets(*sweep_keys(workflow)),
+        description=f"{workflow.name}: one configuration of a sweep per partition",
+        tags={WORKFLOW_TAG: workflow.name, SWEEP_TAG: workflow.name},
+    )
+
+
+def sweep_report_job(workflow: Workflow) -> UnresolvedAssetJobDefinition:
+    """``<workflow>_sweep_report_job``: compare the sweep's configurations and promote the best."""
+    return dg.define_asset_job(
+        name=f"{sweep_name(workflow)}_report_job",
+        selection=dg.AssetSelection.assets(report_key(workflow)),
+        description=f"{workflow.name}: compare a sweep's configurations, promote the best",
+        tags={WORKFLOW_TAG: workflow.name},
     )

@@ -172,6 +172,19 @@ class NotUsedManifest(Manifest):
     reason: str
 
 
+class SweepReportManifest(Manifest):
+    """A sweep's configurations compared (``kitchen.workflows.sweep``), and what was promoted."""
+
+    workflow: str
+    report_path: str = Field(description="sweep_report.json: every configuration's row, best first.")
+    configurations: int
+    completed: int = Field(description="Configurations whose evaluation was materialised.")
+    best: str | None = Field(description="The best configuration that passed its gate (its partition key).")
+    best_version: str | None = Field(default=None, description="models:/NAME/N of the best, if registered.")
+    promoted: bool = Field(description="The best became champion.")
+    decision: str = Field(description="Why the best was or was not promoted.")
+
+
 class TeacherManifest(Manifest):
     """The teacher a distillation run learns from, and how the run distils (its mode)."""
 

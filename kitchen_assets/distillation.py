@@ -124,10 +124,13 @@ def teacher_model_asset(workflow: Workflow) -> dg.AssetsDefinition:
     return teacher_model
 
 
-def samples_key(teacher: TeacherManifest, dataset: DatasetManifest, config: Any, backend: str) -> str:
+def samples_key(
+    teacher: TeacherManifest, dataset: DatasetManifest, config: Any, backend: str, prompts: int
+) -> str:
     """Everything the samples depend on: a student rerun with the same ones reuses them, not resamples."""
     return hash_json(
         {
+            "prompts_sampled": prompts,
             "teacher": teacher.content_hash,
             "teacher_model": teacher.model.backend_model,
             "teacher_adapter": teacher.model.sampler_path,
@@ -174,8 +177,9 @@ def teacher_samples_asset(workflow: Workflow) -> dg.AssetsDefinition:
         "teacher_samples",
         ins=("teacher_model", "dataset"),
         kinds={"huggingface"},
-        description="Off-policy: the teacher's completions for every training prompt (sampling settings "
-        "recorded; reused by a rerun with the same teacher, prompts and settings). On-policy: not used.",
+        description="Off-policy: the teacher's completions for the training prompts the run trains on "
+        "(sampling settings recorded; reused by a rerun with the same teacher, prompts and settings). "
+        "On-policy: not used.",
     )
     def teacher_samples(
         context: dg.AssetExecutionContext,
@@ -189,7 +193,9 @@ def teacher_samples_asset(workflow: Workflow) -> dg.AssetsDefinition:
         if teacher_model.mode == "on_policy":
             context.add_output_metadata({"not_used": ON_POLICY_REASON, "replies_ignored": replies})
             return NotUsedManifest(reason=ON_POLICY_REASON)
-        key = samples_key(teacher_model, dataset, config, training.backend_name)
+        available = len(splits["train"])
+        wanted = config.prompts_to_sample(available)
+        key = samples_key(teacher_model, dataset, config, training.backend_name, wanted)
         target = home_dir("teacher_samples") / key[:16]
         record = target / MANIFEST_FILE
         if record.is_file():
@@ -200,7 +206,13 @@ def teacher_samples_asset(workflow: Workflow) -> dg.AssetsDefinition:
                 f"reusing the teacher's samples in {target} (same teacher, prompts and settings)"
             )
         else:
-            prompts = [dict(row) for row in splits["train"]]
+            prompts = [dict(row) for row in splits["train"].select(range(wanted))]
+            context.log.info(
+                f"sampling the teacher on {wanted} of {available} training prompts (what "
+                f"--max-steps {config.max_steps} x --batch-size {config.batch_size} trains on)"
+                if wanted < available
+                else f"sampling the teacher on all {available} training prompts"
+            )
             service = training.service_client()
             try:
                 client = starting_sampling_client(service, teacher_model.model)
@@ -242,6 +254,7 @@ def teacher_samples_asset(workflow: Workflow) -> dg.AssetsDefinition:
                 "sampling": dg.MetadataValue.json(manifest.sampling),
                 "samples": manifest.train_rows,
                 "prompts": manifest.prompts,
+                "prompts_available": available,
                 "dropped": dg.MetadataValue.json(manifest.dropped),
                 "truncated": manifest.truncated,
                 "replies_ignored": replies,

@@ -27,7 +27,7 @@ from kitchen.manifests import (
     WeightsManifest,
 )
 from kitchen.workflows import EvalContext, Workflow
-from kitchen_assets.factory import workflow_asset
+from kitchen_assets.factory import WORKFLOW, Placement, workflow_asset
 from kitchen_assets.metadata import image_markdown, markdown_table
 from kitchen_assets.telemetry import emit_eval_complete
 from resources.llm import LLMResource
@@ -47,10 +47,11 @@ def gate_settings(config: Any) -> GateSettings:
     )
 
 
-def eval_report_asset(workflow: Workflow) -> dg.AssetsDefinition:
+def eval_report_asset(workflow: Workflow, placement: Placement = WORKFLOW) -> dg.AssetsDefinition:
     @workflow_asset(
         workflow,
         "eval_report",
+        placement=placement,
         ins=(*STANDARD_EVAL_INPUTS, *workflow.eval_inputs),
         kinds={"json"},
         description="The starting and the trained model scored on held-out data by this workflow's "
@@ -68,7 +69,7 @@ def eval_report_asset(workflow: Workflow) -> dg.AssetsDefinition:
         **inputs: Manifest,
     ) -> EvalManifest:
         started = time.perf_counter()
-        out_dir = home_dir("reports", workflow.name, context.run_id)
+        out_dir = home_dir("reports", placement.group(workflow), context.run_id)
         service = training.service_client()
         try:
             evaluation = workflow.evaluate(

@@ -45,23 +45,36 @@ def recorded_manifest_path(event: dg.EventLogEntry | None) -> str | None:
     return str(value) if value else None
 
 
-def source_materialization(
-    instance: dg.DagsterInstance, run: dg.DagsterRun, asset_key: dg.AssetKey
+def latest_materialization(
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None = None
 ) -> dg.EventLogEntry | None:
-    """The materialisation of ``asset_key`` that ``run`` depends on: its own, else that of the run it
-    re-executes (and so on up), else the latest the instance records."""
+    """The latest materialisation of ``asset_key`` (of one ``partition`` of it, when given)."""
+    if partition is None:
+        return instance.get_latest_materialization_event(asset_key)
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1
+    ).records
+    return records[0].event_log_entry if records else None
+
+
+def source_materialization(
+    instance: dg.DagsterInstance, run: dg.DagsterRun, asset_key: dg.AssetKey, partition: str | None = None
+) -> dg.EventLogEntry | None:
+    """The materialisation of ``asset_key`` (its ``partition``) that ``run`` depends on: its own, else that
+    of the run it re-executes (and so on up), else the latest the instance records."""
     seen: set[str] = set()
     current: dg.DagsterRun | None = run
     while current is not None and current.run_id not in seen:
         seen.add(current.run_id)
         found = None
         for entry in instance.all_logs(current.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
-            if entry.asset_materialization is not None and entry.asset_materialization.asset_key == asset_key:
+            made = entry.asset_materialization
+            if made is not None and made.asset_key == asset_key and (partition in (None, made.partition)):
                 found = entry
         if found is not None:
             return found
         current = instance.get_run_by_id(current.parent_run_id) if current.parent_run_id else None
-    return instance.get_latest_materialization_event(asset_key)
+    return latest_materialization(instance, asset_key, partition)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -101,10 +114,15 @@ class ManifestIOManager(dg.ConfigurableIOManager):
             path = manifest_path(key, self._root(), producer)
             if path.is_file():
                 return manifests.read_manifest_file(path)
-        else:  # not part of this run: the latest materialisation the instance records
-            recorded = recorded_manifest_path(context.instance.get_latest_materialization_event(key))
+        else:  # not part of this run: the latest materialisation the instance records (of the partition)
+            partition = context.asset_partition_key if context.has_asset_partitions else None
+            recorded = recorded_manifest_path(latest_materialization(context.instance, key, partition))
             if recorded and Path(recorded).is_file():
                 return manifests.read_manifest_file(recorded)
+            if partition is not None:
+                raise FileNotFoundError(
+                    f"no manifest for {key.to_user_string()} partition {partition!r}: materialise it first"
+                )
         return read_manifest(key, self._root())  # materialised before per-run manifests, or elsewhere
 
 

@@ -55,6 +55,38 @@ def line_plot(
     return path
 
 
+def bar_panels(
+    path: Path, labels: Sequence[str], panels: Mapping[str, Sequence[float | None]], *, title: str
+) -> Path:
+    """One bar chart per named panel, the same ``labels`` on each (a missing value draws no bar)."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(2, len(panels)) or 1
+    rows = math.ceil(len(panels) / cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 1.0 + (0.9 + 0.3 * len(labels)) * rows), dpi=100)
+    flat = list(axes.flat) if hasattr(axes, "flat") else [axes]
+    for ax, (name, values) in zip(flat, panels.items(), strict=False):
+        ys = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
+        ax.barh(range(len(labels)), ys, color=["C0" if v is not None else "lightgray" for v in values])
+        ax.set_yticks(range(len(labels)), labels=list(labels), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(name, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in flat[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def image_markdown(path: Path, alt: str) -> dg.MetadataValue:
     """Markdown with the PNG inlined, so the UI shows the picture without serving files."""
     encoded = base64.b64encode(path.read_bytes()).decode()

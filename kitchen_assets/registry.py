@@ -20,7 +20,7 @@ from kitchen.manifests import (
     DatasetManifest,
     EvalManifest,
     Manifest,
-    RegisteredModelManifest,
+    NotUsedManifest,
     WeightsManifest,
 )
 from kitchen.registry import (
@@ -28,13 +28,15 @@ from kitchen.registry import (
     RegistrationResult,
     TrainedModel,
     derive_model_name,
+    eval_gate,
     register_trained_model,
 )
 from kitchen.registry.store import RegistryError, is_remote
 from kitchen.secrets import drop_secret_keys, redact_uri
 from kitchen.workflows import Workflow
 from kitchen.workflows.config import flatten_run_config
-from kitchen_assets.factory import asset_key, workflow_asset
+from kitchen.workflows.sweep import config_from_key
+from kitchen_assets.factory import WORKFLOW, Placement, workflow_asset
 from kitchen_assets.io import source_materialization
 from kitchen_assets.metadata import markdown_table
 from resources.mlflow_registry import MlflowRegistry
@@ -53,18 +55,26 @@ def primary_metric_direction(report: EvalManifest) -> tuple[bool, str]:
     return metric.rsplit("/", 1)[-1] in _LOWER_IS_BETTER_NAMES, "the metric's name (the report states none)"
 
 
-def _run_config(context: dg.AssetExecutionContext) -> dict[str, Any]:
-    """The run's config, flat (per-op sections merged); keys that look like secrets are dropped."""
-    values = flatten_run_config(dict(context.run.run_config or {}))
+def _run_config(context: dg.AssetExecutionContext, workflow: Workflow) -> dict[str, Any]:
+    """The run's config, flat (per-op sections merged; a sweep's partition: the configuration its key
+    names); keys that look like secrets are dropped."""
+    if context.has_partition_key:
+        values = config_from_key(workflow, context.partition_key).model_dump()
+    else:
+        values = flatten_run_config(dict(context.run.run_config or {}))
     return drop_secret_keys(dict(sorted(values.items())))
 
 
-def _upstream_runs(context: dg.AssetExecutionContext, keys: list[dg.AssetKey]) -> dict[str, str]:
+def _upstream_runs(
+    context: dg.AssetExecutionContext, keys: list[dg.AssetKey], partitioned: frozenset[dg.AssetKey]
+) -> dict[str, str]:
     """Upstream asset key -> the Dagster run that produced the materialisation being registered (this
-    run's own when it made it, not whichever run materialised the key last)."""
+    run's own when it made it, not whichever run materialised the key last; of this partition for the
+    ``partitioned`` keys)."""
     runs = {}
     for key in keys:
-        event = source_materialization(context.instance, context.run, key)
+        partition = context.partition_key if key in partitioned else None
+        event = source_materialization(context.instance, context.run, key, partition)
         runs[key.to_user_string()] = event.run_id if event is not None else ""
     return runs
 
@@ -120,12 +130,17 @@ def upstream_kinds(workflow: Workflow) -> tuple[str, ...]:
     )
 
 
-def registered_model_asset(workflow: Workflow) -> dg.AssetsDefinition:
+def registered_model_asset(workflow: Workflow, placement: Placement = WORKFLOW) -> dg.AssetsDefinition:
+    """In a sweep (a partitioned placement) each configuration registers without taking the champion
+    alias, and one that failed its gate registers nothing (the report ranks it last); the sweep report
+    promotes the best."""
     kinds = upstream_kinds(workflow)
+    sweep = placement.partitions is not None
 
     @workflow_asset(
         workflow,
         "registered_model",
+        placement=placement,
         ins=kinds,
         kinds={"mlflow"},
         description="The trained LoRA adapter as a version in the MLflow model registry, with full lineage; "
@@ -142,7 +157,12 @@ def registered_model_asset(workflow: Workflow) -> dg.AssetsDefinition:
         trained_weights: WeightsManifest,
         eval_report: EvalManifest,
         **inputs: Manifest,
-    ) -> RegisteredModelManifest:
+    ) -> Manifest:
+        if sweep and not eval_gate(eval_report).passed:
+            reason = f"not registered: {eval_gate(eval_report).source}"
+            context.log.info(reason)
+            context.add_output_metadata({"not_registered": reason})
+            return NotUsedManifest(reason=reason)
         lower_is_better, direction_source = primary_metric_direction(eval_report)
         model = TrainedModel(
             workflow=workflow.name,
@@ -158,8 +178,12 @@ def registered_model_asset(workflow: Workflow) -> dg.AssetsDefinition:
         provenance = Provenance(
             dagster_run_id=context.run_id,
             dagster_run_url=registry.dagster_run_url(context.run_id),
-            upstream=_upstream_runs(context, [asset_key(workflow, kind) for kind in kinds]),
-            config=_run_config(context),
+            upstream=_upstream_runs(
+                context,
+                [placement.key(workflow, kind) for kind in kinds],
+                frozenset(placement.key(workflow, kind) for kind in kinds if placement.owns(kind)),
+            ),
+            config=_run_config(context, workflow),
         )
         store = registry.registry()
         context.log.info(
@@ -175,6 +199,7 @@ def registered_model_asset(workflow: Workflow) -> dg.AssetsDefinition:
                 experiment_name=registry.resolved_experiment_name(),
                 run_name=config.mlflow_run_name or f"{workflow.name}-{context.run_id[:8]}",
                 rename_run=config.mlflow_run_name is not None,
+                promote=not sweep,
                 log=context.log.info,
             )
         except RegistryError as err:

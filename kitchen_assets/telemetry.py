@@ -28,6 +28,7 @@ from dagster import DagsterEventType
 from dagster._core.definitions.dependency import NodeHandle  # not re-exported; the asset layer is keyed by it
 
 from kitchen import telemetry
+from kitchen.telemetry import sinks
 from kitchen.telemetry.events import (
     EVAL_COMPLETE,
     HANDLER_FAILED,
@@ -40,14 +41,12 @@ from kitchen.telemetry.events import (
     WORKFLOW_STOP,
     TelemetryEvent,
 )
-from kitchen.telemetry.sinks import selected_sinks
-from kitchen.telemetry.sinks.jsonl import JsonlSink, jsonl_path
+from kitchen.telemetry.sinks.jsonl import jsonl_path
 
 log = logging.getLogger("kitchen.telemetry")
 
 WORKFLOW_TAG = "kitchen/workflow"  # set by each workflow's job; otherwise the asset group names the workflow
 JSONL_TAG = "kitchen/telemetry_jsonl"  # the run's JSONL event stream, on the Dagster run
-SINK_HANDLER_PREFIX = "kitchen.sink."
 
 _LIFECYCLE = {
     DagsterEventType.RUN_START,
@@ -338,37 +337,6 @@ def _current_context() -> dg.AssetExecutionContext | None:
         return None
 
 
-_sink_instances: dict[str, telemetry.Handler] = {}
-
-
-def _sink(name: str) -> telemetry.Handler:
-    """One instance per sink and process, so open files and spans survive re-attachment between runs."""
-    if name not in _sink_instances:
-        if name == "jsonl":
-            _sink_instances[name] = JsonlSink()
-        elif name == "dagster":
-            _sink_instances[name] = DagsterSink()
-        elif name == "mlflow":
-            from kitchen.telemetry.sinks.mlflow import MlflowSink
-
-            _sink_instances[name] = MlflowSink()
-        elif name == "otel":
-            from kitchen.telemetry.sinks.otel import OtelSink
-
-            _sink_instances[name] = OtelSink()
-        else:
-            raise ValueError(f"unknown sink {name!r}")
-    return _sink_instances[name]
-
-
 def configure_sinks() -> tuple[str, ...]:
-    """Attach the sinks ``KITCHEN_TELEMETRY_SINKS`` selects (re-attaching any detached after a failure)
-    and detach the rest; called when each run's telemetry starts."""
-    names = selected_sinks()
-    current = {h for h in telemetry.attached() if h.startswith(SINK_HANDLER_PREFIX)}
-    for handler_id in current - {SINK_HANDLER_PREFIX + n for n in names}:
-        telemetry.detach(handler_id)
-    for name in names:
-        if SINK_HANDLER_PREFIX + name not in current:
-            telemetry.attach(SINK_HANDLER_PREFIX + name, "kitchen", _sink(name))
-    return names
+    """The selected sinks, the Dagster sink included; called when each run's telemetry starts."""
+    return sinks.configure_sinks({"dagster": DagsterSink})

@@ -28,7 +28,7 @@ from kitchen.training.loop import (
 )
 from kitchen.training.plan import TrainingPlan
 from kitchen.workflows import PlanContext, Workflow
-from kitchen_assets.factory import asset_ins, asset_key, with_config
+from kitchen_assets.factory import WORKFLOW, Placement, asset_ins, with_config
 from kitchen_assets.metadata import image_markdown, line_plot
 from kitchen_assets.telemetry import instrumented
 from resources.training import TrainingBackend
@@ -157,21 +157,23 @@ def stop_on_interrupt(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterato
 
 
 def training_asset(
-    workflow: Workflow, retry_policy: dg.RetryPolicy | None = TRAIN_RETRY_POLICY
+    workflow: Workflow,
+    retry_policy: dg.RetryPolicy | None = TRAIN_RETRY_POLICY,
+    placement: Placement = WORKFLOW,
 ) -> dg.AssetsDefinition:
     outs = {
         "checkpoints": dg.AssetOut(
-            key=asset_key(workflow, "checkpoints"),
+            key=placement.key(workflow, "checkpoints"),
             kinds={"pytorch"},
             description="Training-state checkpoints (weights + optimizer state) written during the run.",
         ),
         "trained_weights": dg.AssetOut(
-            key=asset_key(workflow, "trained_weights"),
+            key=placement.key(workflow, "trained_weights"),
             kinds={"pytorch"},
             description="Final LoRA weights saved for sampling.",
         ),
         **{
-            kind: dg.AssetOut(key=asset_key(workflow, kind), kinds={"parquet"}, description=description)
+            kind: dg.AssetOut(key=placement.key(workflow, kind), kinds={"parquet"}, description=description)
             for kind, description in workflow.train_outputs.items()
         },
     }
@@ -236,13 +238,14 @@ def training_asset(
             markdown = {k: dg.MetadataValue.md(v) for k, v in extra.markdown.items()}
             yield dg.Output(extra.manifest, output_name=kind, metadata={**extra.metadata, **markdown})
 
-    fn = with_config(stop_on_interrupt(train), workflow, "train")
+    fn = with_config(stop_on_interrupt(train), workflow, "train", placement)
     return dg.multi_asset(
-        name=f"{workflow.name}__train",
-        group_name=workflow.name,
+        name=placement.op(workflow, "train"),
+        group_name=placement.group(workflow),
+        partitions_def=placement.partitions,
         retry_policy=retry_policy,
         outs=outs,
-        ins=asset_ins(workflow, ("base_model", *workflow.train_inputs)),
+        ins=asset_ins(workflow, ("base_model", *workflow.train_inputs), placement),
     )(instrumented(fn))
 
 

@@ -13,6 +13,7 @@ from kitchen_assets.deployment import DeploymentSettings, deployment_assets, dep
 from kitchen_assets.evaluation import eval_report_asset
 from kitchen_assets.hub_release import HubReleaseSettings, hub_release_assets, hub_release_settings
 from kitchen_assets.registry import registered_model_asset
+from kitchen_assets.sweep import sweep_assets
 from kitchen_assets.training import training_asset
 
 AssetLike = dg.AssetsDefinition | dg.AssetChecksDefinition
@@ -48,6 +49,7 @@ def workflow_assets(workflow: Workflow) -> list[AssetLike]:
             *_build(workflow),
             *hub_release_assets(workflow, release),
             *deployment_assets(workflow, deployment),
+            *sweep_assets(workflow),  # <workflow>_sweep: the same factories, one partition a configuration
         ]
     return built
 

@@ -15,6 +15,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from kitchen.data.sources import load_saved_dataset
 from kitchen.manifests import (
     CheckpointsManifest,
     DatasetManifest,
@@ -264,6 +265,16 @@ def test_off_policy_from_a_prompts_file(shared_store: str, tiny_model_dir: Path,
         reused = read_manifest(_key("teacher_samples"))
         assert isinstance(reused, TeacherSamplesManifest) and reused.reused
         assert reused.content_hash == samples.content_hash and reused.path == samples.path
+
+        # Fewer steps than the prompts fill: the teacher answers only the first 3 x 8 = 24 (a new sample set).
+        fewer = _run({**config, "max_steps": 3}, instance, asset_selection=[_key("teacher_samples")])
+        assert fewer.success
+        cut = read_manifest(_key("teacher_samples"))
+        assert isinstance(cut, TeacherSamplesManifest) and not cut.reused and cut.prompts == 24
+        assert cut.train_rows + sum(cut.dropped.values()) == 24
+        first_prompts = [r["messages"] for r in load_saved_dataset(dataset.path)["train"].select(range(24))]
+        sampled = [r["messages"][:-1] for r in load_saved_dataset(cut.path)["train"]]
+        assert all(p in first_prompts for p in sampled)
 
 
 def test_a_teacher_with_another_tokenizer_is_refused_on_policy_before_sampling(

@@ -212,7 +212,12 @@ def test_builtin_pairs_are_kitchen_arithmetic_with_a_plausible_wrong_answer() ->
     for split in ("train", "test"):
         assert len(pairs[split]) == len(problems[split])
         for pair, problem in zip(pairs[split], problems[split], strict=True):
-            assert pair["prompt"] == problem["messages"][:-1]
+            system, question, _ = problem["messages"]
+            worked_example = [
+                {"role": "user", "content": "What is 4 + 5?"},
+                {"role": "assistant", "content": "9"},
+            ]
+            assert pair["prompt"] == [system, *worked_example, question]  # tinker-cookbook's one-shot prefix
             assert pair["chosen"] == pair["answer"] == problem["answer"]
             expression = re.search(r"\d+ [+*-] \d+", problem["messages"][-2]["content"])
             assert expression is not None
@@ -234,6 +239,7 @@ def test_wrong_answers_are_human_slips() -> None:
     assert 65 in wrong_answers(48, "+", 27)  # the carry forgotten: 48 + 27 = 75
     assert 35 in wrong_answers(52, "-", 27)  # the smaller digit subtracted from the larger: 25
     assert 121 in wrong_answers(47, "*", 3)  # 141 with the carry forgotten
+    assert {56, 22} <= set(wrong_answers(56, "+", 22))  # a number copied from the question
     assert all(w >= 0 and w != 0 for w in wrong_answers(14, "-", 14))
 
 
@@ -244,7 +250,7 @@ def test_comparisons_keep_pairs_whole_and_weight_only_the_reply(tiny_model_dir: 
     loaded = load_preference_dataset(PreferenceDatasetSection(max_rows=8))
     rows = list(loaded.dataset["train"])
     long_row = {**rows[0], "prompt": [{"role": "user", "content": "word " * 200}]}
-    pairs = render_pairs([*rows, long_row], tokenizer, max_length=64)
+    pairs = render_pairs([*rows, long_row], tokenizer, max_length=160)
     assert len(pairs) == len(rows) and len(pairs.datums) == 2 * len(rows)
     assert pairs.dropped == {"truncated_away": 1}
     for i, row in enumerate(rows):

@@ -14,8 +14,8 @@ import telemetry_toy
 
 from jobs.lifecycle import RUN_EVENTS, run_lifecycle_sensors
 from kitchen import telemetry
+from kitchen.telemetry import sinks
 from kitchen.telemetry.sinks.jsonl import jsonl_path, read_jsonl
-from kitchen_assets import telemetry as dagster_telemetry
 
 SENSORS = {s.name: s for s in run_lifecycle_sensors()}
 
@@ -24,12 +24,12 @@ SENSORS = {s.name: s for s in run_lifecycle_sensors()}
 def jsonl_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Sinks are process-wide: fresh instances, and none left attached afterwards."""
     monkeypatch.setenv("KITCHEN_TELEMETRY_SINKS", "jsonl")
-    dagster_telemetry._sink_instances.clear()
+    sinks.SINK_INSTANCES.clear()
     yield
     for handler_id in telemetry.attached():
-        if handler_id.startswith(dagster_telemetry.SINK_HANDLER_PREFIX):
+        if handler_id.startswith(sinks.SINK_HANDLER_PREFIX):
             telemetry.detach(handler_id)
-    dagster_telemetry._sink_instances.clear()
+    sinks.SINK_INSTANCES.clear()
 
 
 EVENT_TYPES = {

@@ -21,6 +21,7 @@ from test_supervised_workflow import tiny_run_config
 
 import kitchen_assets.telemetry as dagster_telemetry
 from kitchen import telemetry
+from kitchen.telemetry import sinks
 from kitchen.telemetry.sinks.jsonl import read_jsonl
 from kitchen.telemetry.sinks.otel import OtelSink
 from kitchen_assets.definitions import build_definitions
@@ -35,12 +36,12 @@ S = telemetry.STAGE_START, telemetry.STAGE_STOP, telemetry.STAGE_EXCEPTION
 @pytest.fixture(autouse=True)
 def fresh_sinks() -> Iterator[None]:
     """Sinks are process-wide; give each test new instances and leave none attached afterwards."""
-    dagster_telemetry._sink_instances.clear()
+    sinks.SINK_INSTANCES.clear()
     yield
     for handler_id in telemetry.attached():
-        if handler_id.startswith(dagster_telemetry.SINK_HANDLER_PREFIX):
+        if handler_id.startswith(sinks.SINK_HANDLER_PREFIX):
             telemetry.detach(handler_id)
-    dagster_telemetry._sink_instances.clear()
+    sinks.SINK_INSTANCES.clear()
 
 
 @pytest.fixture
@@ -181,7 +182,7 @@ def test_otel_sink_exports_a_trace_for_the_run(monkeypatch: pytest.MonkeyPatch) 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    dagster_telemetry._sink_instances["otel"] = OtelSink(provider)
+    sinks.SINK_INSTANCES["otel"] = OtelSink(provider)
     result, _, _ = _toy()
     assert result.success
     spans = {span.name: span for span in exporter.get_finished_spans()}

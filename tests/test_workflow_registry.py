@@ -53,6 +53,7 @@ from kitchen_assets.definitions import build_definitions
 defs = build_definitions("local")
 graph = defs.resolve_asset_graph()
 print("GROUP", sorted(k.to_user_string() for k in graph.asset_keys_for_group("toy")))
+print("SWEEP", sorted(k.to_user_string() for k in graph.asset_keys_for_group("toy_sweep")))
 print("JOBS", sorted(j.name for j in defs.jobs if j.name.startswith("toy")))
 toy = get_workflow("toy")
 job = defs.resolve_job_def("toy_job")
@@ -65,7 +66,11 @@ print("SUCCESS", result.success)
         "GROUP ['toy/base_model', 'toy/checkpoints', 'toy/dataset', 'toy/eval_report', "
         "'toy/registered_model', 'toy/trained_weights']" in out
     )
-    assert "JOBS ['toy_evaluation_job', 'toy_job']" in out
+    assert (
+        "SWEEP ['toy_sweep/checkpoints', 'toy_sweep/eval_report', 'toy_sweep/registered_model', "
+        "'toy_sweep/sweep_report', 'toy_sweep/trained_weights']" in out
+    )
+    assert "JOBS ['toy_evaluation_job', 'toy_job', 'toy_sweep_job', 'toy_sweep_report_job']" in out
     assert "SUCCESS True" in out
 
 

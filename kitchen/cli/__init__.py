@@ -3,6 +3,7 @@
     kitchen run supervised --model M --dataset D --epochs 1
     kitchen run --help                      # the workflows
     kitchen run dpo --help                  # one workflow's flags (generated from its run config)
+    kitchen sweep supervised --learning-rate 3e-4,1.3e-3 --lora-rank 8,32   # one partition a configuration
     kitchen models list
     kitchen serve models:/NAME@champion      # an OpenAI-compatible endpoint on 127.0.0.1:8000
 
@@ -37,27 +38,43 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a workflow end to end as a Dagster job: "
         + "; ".join(f"{w.name}: {w.summary}" for w in registered),
     )
-    which = run.add_subparsers(dest="workflow", required=True, metavar="WORKFLOW")
-    for workflow in registered:
-        one = which.add_parser(
-            workflow.name,
-            aliases=list(workflow.aliases),
-            help=workflow.summary,
-            description=workflow.summary,
-        )
-        one.set_defaults(workflow=workflow.name)
-        add_workflow_flags(one, workflow.config, workflow.sections)
-        one.add_argument(
-            "--backend",
-            choices=BACKENDS,
-            default=None,
-            help="training backend (default $KITCHEN_BACKEND or local)",
-        )
-        one.add_argument(
-            "--verbose",
-            action="store_true",
-            help="show the Dagster event log and library output as it happens",
-        )
+    sweep = sub.add_parser(
+        "sweep",
+        help="run several configurations of a workflow as partitions, compare them, promote the best",
+        description="One Dagster partition per configuration (every combination of the values given as "
+        "A,B,...) over the workflow's training, evaluation and registration; the assets before training "
+        "are shared. Partitions already materialised are skipped, a failed one does not stop the others, "
+        "and the sweep report promotes only the best configuration.",
+    )
+    for command, sweeping in ((run, False), (sweep, True)):
+        which = command.add_subparsers(dest="workflow", required=True, metavar="WORKFLOW")
+        for workflow in registered:
+            one = which.add_parser(
+                workflow.name,
+                aliases=list(workflow.aliases),
+                help=workflow.summary,
+                description=workflow.summary,
+            )
+            one.set_defaults(workflow=workflow.name)
+            add_workflow_flags(one, workflow.config, workflow.sections, sweep=sweeping)
+            one.add_argument(
+                "--backend",
+                choices=BACKENDS,
+                default=None,
+                help="training backend (default $KITCHEN_BACKEND or local)",
+            )
+            one.add_argument(
+                "--verbose",
+                action="store_true",
+                help="show the Dagster event log and library output as it happens",
+            )
+            if sweeping:
+                one.add_argument(
+                    "--backfill",
+                    action="store_true",
+                    help="submit the configurations not yet done as a Dagster backfill for the daemon "
+                    "(`make ui`) to run through its run queue, and return at once",
+                )
     from kitchen.cli.models import add_models_parser
 
     add_models_parser(sub)
@@ -73,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kitchen.cli.run import run_workflow
 
         return run_workflow(args)
+    if args.command == "sweep":
+        from kitchen.cli.sweep import sweep_workflow
+
+        return sweep_workflow(args)
     if args.command == "models":
         from kitchen.cli.models import models_command
 

@@ -1,8 +1,10 @@
 """Command-line flags generated from a pydantic run config: one source for names, defaults, ranges and help.
 
 ``--learning-rate`` is the field ``learning_rate``; a ``Literal`` becomes ``choices``; a bool becomes
-``--x/--no-x``; a list takes a comma-separated value. Every flag defaults to "not given", so the config's
-own default applies, and values are validated by the config itself (one error per bad flag).
+``--x/--no-x``; a list takes a comma-separated value. For ``kitchen sweep`` (``sweep=True``) every
+number, string and choice takes a comma-separated list of values (``sweep_values`` splits them). Every
+flag defaults to "not given", so the config's own default applies, and values are validated by the config
+itself (one error per bad flag).
 """
 
 from __future__ import annotations
@@ -37,10 +39,15 @@ def _default_text(info: FieldInfo) -> str:
     return f" (default: {','.join(map(str, default)) if isinstance(default, list) else default})"
 
 
+def _sweepable(annotation: Any) -> bool:
+    return get_origin(annotation) is Literal or annotation in _SCALARS
+
+
 def add_config_flags(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     config: type[BaseModel],
     skip: frozenset[str] = frozenset(),
+    sweep: bool = False,
 ) -> set[str]:
     """One flag per field of ``config`` (except ``skip``); returns the fields added."""
     added: set[str] = set()
@@ -51,7 +58,10 @@ def add_config_flags(
         annotation = _unwrap_optional(info.annotation)
         help_text = (info.description or "").replace("%", "%%") + _default_text(info).replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
-        if annotation is bool:
+        if sweep and _sweepable(annotation):
+            kwargs["metavar"] = "A[,B,...]"
+            kwargs["help"] = help_text + "; several values sweep it"
+        elif annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(annotation) is Literal:
             kwargs["choices"] = list(get_args(annotation))
@@ -66,14 +76,39 @@ def add_config_flags(
 
 
 def add_workflow_flags(
-    parser: argparse.ArgumentParser, config: type[BaseModel], sections: Mapping[str, type[BaseModel]]
+    parser: argparse.ArgumentParser,
+    config: type[BaseModel],
+    sections: Mapping[str, type[BaseModel]],
+    sweep: bool = False,
 ) -> None:
     """The flat ``config``'s flags, grouped by the asset that reads them (a shared field once)."""
     done: set[str] = set()
     for kind, section in sections.items():
         group = parser.add_argument_group(f"{kind} settings")
-        done |= add_config_flags(group, section, frozenset(done))
-    add_config_flags(parser.add_argument_group("run settings"), config, frozenset(done))
+        done |= add_config_flags(group, section, frozenset(done), sweep)
+    add_config_flags(parser.add_argument_group("run settings"), config, frozenset(done), sweep)
+
+
+def sweep_values(
+    config: type[BaseModel], args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """(fixed settings, swept settings -> their values) from flags added with ``sweep=True``: a flag given
+    several comma-separated values is swept, one value is fixed (the config converts and validates)."""
+    fixed: dict[str, Any] = {}
+    swept: dict[str, list[str]] = {}
+    for name, info in config.model_fields.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not _sweepable(_unwrap_optional(info.annotation)):
+            fixed[name] = value
+            continue
+        values = [v.strip() for v in str(value).split(",")]
+        if len(values) > 1:
+            swept[name] = values
+        else:
+            fixed[name] = values[0]
+    return fixed, swept
 
 
 def config_from_flags(config: type[BaseModel], args: argparse.Namespace) -> BaseModel:

@@ -60,12 +60,8 @@ def run_workflow(args: argparse.Namespace) -> int:
     except ValidationError as err:
         return _fail(format_validation_error(err), 2)
     verbose = bool(args.verbose)
-    log_path = home_dir("logs") / f"{workflow.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    if not verbose:
-        os.environ.update({k: v for k, v in _QUIET_ENV.items() if k not in os.environ})
-    prepare_dagster_home()
     try:
-        defs = load_definitions(args.backend)
+        log_path, defs = prepare_session(workflow.name, verbose, args.backend)
     except ValueError as err:
         return _fail(str(err), 2)
     problem = (
@@ -103,6 +99,16 @@ def run_workflow(args: argparse.Namespace) -> int:
     if not verbose:
         print(f"log: {log_path}")
     return 0
+
+
+def prepare_session(name: str, verbose: bool, backend: str | None) -> tuple[Path, Any]:
+    """A command's log file (named after ``name``), library chatter off unless ``verbose``, the persistent
+    Dagster home, and the code location's ``Definitions`` (``ValueError``: an unknown backend)."""
+    log_path = home_dir("logs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    if not verbose:
+        os.environ.update({k: v for k, v in _QUIET_ENV.items() if k not in os.environ})
+    prepare_dagster_home()
+    return log_path, load_definitions(backend)
 
 
 def _check_dataset(workflow: Workflow, config: Any, verbose: bool, log_path: Path) -> str | None:

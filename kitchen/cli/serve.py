@@ -96,7 +96,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from kitchen.serve import ModelSource, RegistryLocator, SamplerLocator, ServeSettings, create_app
     from kitchen.serve.feedback import FeedbackStore
     from kitchen.serve.source import Locator
-    from kitchen_assets.telemetry import configure_sinks
+    from kitchen.telemetry.sinks import configure_sinks
 
     api_key = os.environ.get(args.api_key_env) or None
     if args.host not in _LOOPBACK and api_key is None:

@@ -87,6 +87,9 @@ def builtin_dataset(
 
 
 ARITHMETIC_SYSTEM_PROMPT = "Reply with only the number."
+#: tinker-cookbook's worked example for arithmetic (``ArithmeticEnv``'s few-shot prefix), for prompts that
+#: show the answer format once before the question (RL's ``integer`` problems, the built-in DPO pairs).
+ARITHMETIC_FEWSHOT: tuple[tuple[str, str], ...] = (("What is 4 + 5?", "9"),)
 
 
 def _arithmetic_problem(rng: random.Random) -> tuple[str, int]:

@@ -17,7 +17,7 @@ from kitchen.registry.promotion import (
     decide_promotion,
     eval_gate,
 )
-from kitchen.registry.register import RegistrationResult, register_trained_model
+from kitchen.registry.register import RegistrationResult, promote_version, register_trained_model
 from kitchen.registry.store import (
     ModelRegistry,
     RegistryError,
@@ -49,6 +49,7 @@ __all__ = [
     "lineage_tags",
     "load_sampling_client",
     "parse_model_ref",
+    "promote_version",
     "redact_uri",
     "register_trained_model",
     "sampler_path",

@@ -7,6 +7,7 @@ duplicate created in a race is detected right after creation and removed (the ol
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kitchen.manifests import RegisteredModelManifest
+from kitchen.manifests import EvalManifest, RegisteredModelManifest
 from kitchen.registry.lineage import (
     Provenance,
     TrainedModel,
@@ -70,11 +71,14 @@ def register_trained_model(
     experiment_name: str,
     run_name: str,
     rename_run: bool = False,
+    promote: bool = True,
     log: Log = lambda _: None,
 ) -> RegistrationResult:
     """Register ``model`` as a version of ``name`` (or find the version that holds its weights), log the
     Dagster run's MLflow run, and move the champion or challenger alias. ``run_name`` names the MLflow run
-    when this call starts it; with ``rename_run`` it also renames one the telemetry sink started."""
+    when this call starts it; with ``rename_run`` it also renames one the telemetry sink started. Without
+    ``promote`` (one configuration of a sweep) a version that would become champion becomes challenger:
+    the sweep's report promotes only its best configuration (``promote_version``)."""
     validate_model_name(name)
     gate = eval_gate(model.eval_report)
     if not gate.passed:
@@ -122,7 +126,16 @@ def register_trained_model(
                         "registration); removed it"
                     )
                     version, created = duplicates[0], False
-            decision = _promote(registry, name, str(version.version), model, log)
+            decision = promote_version(
+                registry,
+                name,
+                str(version.version),
+                model.eval_report,
+                model.lower_is_better,
+                log,
+                promote=promote,
+                started_from=model.base_model.registered_version,
+            )
         except BaseException:
             if logged_run is not None:
                 registry.client.set_terminated(logged_run, "FAILED")
@@ -322,42 +335,56 @@ def _refresh_eval_tags(registry: ModelRegistry, version: ModelVersion, tags: Map
             _race_safe(registry.client.set_model_version_tag, version.name, str(version.version), key, value)
 
 
-def _started_from(model: TrainedModel, name: str, version: str) -> bool:
-    """Whether ``model`` was trained from registered version ``name``/``version``."""
-    started = model.base_model.registered_version
+def _started_from(started: str | None, name: str, version: str) -> bool:
+    """Whether a model trained from ``started`` (``models:/NAME/VERSION``) began at ``name``/``version``."""
     if not started:
         return False
     ref = parse_model_ref(started)
     return (ref.name, ref.version) == (name, version)
 
 
-def _promote(
-    registry: ModelRegistry, name: str, version: str, model: TrainedModel, log: Log
+def promote_version(
+    registry: ModelRegistry,
+    name: str,
+    version: str,
+    report: EvalManifest,
+    lower_is_better: bool,
+    log: Log = lambda _: None,
+    *,
+    promote: bool = True,
+    started_from: str | None = None,
 ) -> PromotionDecision:
+    """Apply the champion/challenger rule to a registered ``version`` whose evaluation is ``report``, move
+    the alias and record the decision as version tags. ``started_from``: the registered version the model
+    was trained from, if any (its champion is then measured in the report's base column). Without
+    ``promote``, champion is withheld."""
     client = registry.client
     aliases = registry.aliases(name)
     champion = aliases.get(CHAMPION)
-    metric = model.eval_report.primary_metric
+    metric = report.primary_metric
     champion_value, measured_here = None, False
     if champion is not None and champion != version:
         raw = registry.version(name, champion).tags.get(f"kitchen.eval.{metric}")
         champion_value = float(raw) if raw is not None else None
-        if champion_value is None and _started_from(model, name, champion):
+        if champion_value is None and _started_from(started_from, name, champion):
             # The champion records no value for this metric (another workflow trained it, e.g. SFT before
             # DPO on feedback), but this run started from it: the report's base column is the champion
             # measured on this run's held-out data, beside the newcomer.
-            champion_value = model.eval_report.base.get(metric)
+            champion_value = report.base.get(metric)
             measured_here = champion_value is not None
     decision = decide_promotion(
         version=version,
         metric=metric,
-        value=model.primary_value,
-        lower_is_better=model.lower_is_better,
-        gate=eval_gate(model.eval_report),
+        value=report.trained.get(metric),
+        lower_is_better=lower_is_better,
+        gate=eval_gate(report),
         champion_version=champion,
         champion_value=champion_value,
         champion_measured_here=measured_here,
     )
+    if not promote and decision.alias == CHAMPION and champion != version:
+        withheld = f"{decision.reason}; left to the sweep report, which promotes only the best configuration"
+        decision = dataclasses.replace(decision, alias=CHALLENGER, reason=withheld)
     if decision.alias == CHAMPION:
         _race_safe(client.set_registered_model_alias, name, CHAMPION, version)
         if aliases.get(CHALLENGER) == version:
@@ -376,4 +403,4 @@ def _promote(
     return decision
 
 
-__all__ = ["RegistrationResult", "RegistryError", "register_trained_model"]
+__all__ = ["RegistrationResult", "RegistryError", "promote_version", "register_trained_model"]

@@ -136,8 +136,12 @@ class LoopSection(Section):
     resume: bool = Field(default=True, description="Resume an interrupted run from its last checkpoint.")
 
 
-class TrainingSection(LoopSection):
+class BatchSection(Section):
     batch_size: int = Field(default=16, ge=1, le=8192, description="Examples per optimizer step.")
+
+
+class TrainingSection(LoopSection, BatchSection):
+    pass
 
 
 class EvalSection(Section):

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from kitchen.workflows.config import (
     MISSING_DEFAULT_HINT,
+    BatchSection,
     DatasetSection,
     DatumsSection,
     EvalSection,
@@ -62,25 +63,24 @@ class SamplingSection(Section):
     )
 
 
-class TeacherSamplesSection(SamplingSection):
-    samples_per_prompt: int = Field(
-        default=1, ge=1, le=64, description="Off-policy: teacher completions sampled per training prompt."
-    )
-    sample_seed: int = Field(default=0, ge=0, description="Off-policy: seed of the teacher's samples.")
-
-
 #: Optimizer steps by default: the embedded demo (on-policy, 16 prompts a step, SmolLM2-135M) in about 7
 #: minutes on a quiet 2-core CPU; a full epoch of the built-in arithmetic set is 80.
 DEFAULT_MAX_STEPS = 40
 
 
-class DistillTrainingSection(TrainingSection, SamplingSection):
+class StepBudget(BatchSection):
+    """How many samples training takes: read by training and by the off-policy teacher samples, which
+    samples only those."""
+
     max_steps: int | None = Field(
         default=DEFAULT_MAX_STEPS,
         ge=1,
         description="Stop after this many optimizer steps (the default keeps the embedded demo within its "
         "CPU budget; raise it to use more of a larger prompt set).",
     )
+
+
+class DistillTrainingSection(StepBudget, TrainingSection, SamplingSection):
     group_size: int = Field(
         default=1,
         ge=1,
@@ -101,6 +101,21 @@ class DistillTrainingSection(TrainingSection, SamplingSection):
         description="On-policy: discount of future per-token KL folded into each token's advantage "
         "(0: none).",
     )
+
+
+class TeacherSamplesSection(StepBudget, SamplingSection):
+    samples_per_prompt: int = Field(
+        default=1, ge=1, le=64, description="Off-policy: teacher completions sampled per training prompt."
+    )
+    sample_seed: int = Field(default=0, ge=0, description="Off-policy: seed of the teacher's samples.")
+
+    def prompts_to_sample(self, available: int) -> int:
+        """How many training prompts (the first ones, in split order) the teacher answers: those
+        ``max_steps`` steps of ``batch_size`` samples use, or all of them without ``max_steps``. Sampling
+        the rest would cost teacher time (most of an off-policy run on a CPU) for replies never trained on."""
+        if self.max_steps is None:
+            return available
+        return min(available, -(-self.max_steps * self.batch_size // self.samples_per_prompt))
 
 
 class DistillEvalSection(EvalSection):

@@ -22,7 +22,7 @@ import re
 
 from datasets import Features, List, Value
 
-from kitchen.data.builtin import arithmetic, register_builtin
+from kitchen.data.builtin import ARITHMETIC_FEWSHOT, arithmetic, register_builtin
 from kitchen.data.schemas import NormalizedRow
 
 NAME = "kitchen/arithmetic-preferences"
@@ -41,6 +41,14 @@ SOURCE_FEATURES = Features(
 _EXPRESSION = re.compile(r"(\d+) ([+*-]) (\d+)")
 #: How a wrong answer is written: bare, worked, or in a sentence.
 REJECTED_FORMS = ("{wrong}", "{expression} = {wrong}", "The answer is {wrong}.")
+
+
+def _fewshot_turns() -> list[dict[str, str]]:
+    return [
+        {"role": role, "content": text}
+        for question, answer in ARITHMETIC_FEWSHOT
+        for role, text in (("user", question), ("assistant", answer))
+    ]
 
 
 def _digits_without_carry(a: int, b: int, op: str) -> int:
@@ -65,6 +73,7 @@ def wrong_answers(a: int, op: str, b: int) -> list[int]:
         candidates.add(a - b if op == "+" else a + b)
     else:
         candidates |= {value - a, value + a, (a // 10) * b * 10 + (a % 10) * b % 10}
+    candidates |= {a, b}  # a number copied from the question
     text = str(value)
     if len(text) > 1 and text[-1] != text[-2]:
         candidates.add(int(text[:-2] + text[-1] + text[-2]))
@@ -86,8 +95,9 @@ def arithmetic_preferences(seed: int, train_size: int, test_size: int) -> dict[s
     for split, rows in splits.items():
         pairs = []
         for row in rows:
-            *prompt, reply = row["messages"]
-            question = next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+            system, user, reply = row["messages"]
+            prompt = [system, *_fewshot_turns(), user]
+            question = user["content"]
             match = _EXPRESSION.search(question)
             if match is None:  # the arithmetic generator's own format; a change there must show up here
                 raise ValueError(f"cannot read the expression in {question!r}")

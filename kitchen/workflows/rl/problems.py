@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from kitchen.data.builtin import register_builtin
+from kitchen.data.builtin import ARITHMETIC_FEWSHOT, register_builtin
 from kitchen.data.formats import RowFormat
 from kitchen.data.schemas import NORMALIZED_FEATURES, NormalizedRow, RowSkipped, describe_schemas
 from kitchen.workflows.rl.rewards import (
@@ -47,8 +47,8 @@ PROBLEM_SCHEMAS: dict[str, tuple[str, ...]] = {
     "problem/solution": ("problem", "solution"),
 }
 
-#: tinker-cookbook's few-shot prefixes (``ArithmeticEnv`` and ``MathEnv.standard_fewshot_prefix``).
-ARITHMETIC_FEWSHOT: tuple[tuple[str, str], ...] = (("What is 4 + 5?", "9"),)
+#: tinker-cookbook's math few-shot prefix (``MathEnv.standard_fewshot_prefix``).
+#: Arithmetic's (``ArithmeticEnv``) is ``kitchen.data.builtin.ARITHMETIC_FEWSHOT``.
 BOXED_SUFFIX = " Write your answer in \\boxed{} format."
 BOXED_FEWSHOT: tuple[tuple[str, str], ...] = (
     (
