@@ -21,6 +21,7 @@ from kitchen.secrets import (
     redact_webhook,
     secret_values,
 )
+from kitchen.workflows import get_workflow
 
 CANARY = "kitchen-canary-5e1d9a"
 
@@ -144,8 +145,12 @@ def test_registry_lineage_config_keeps_eval_max_tokens() -> None:
             "supervised__base_model": {"config": {"model": "m", "hf_token": CANARY}},
         }
     }
-    context: Any = SimpleNamespace(run=SimpleNamespace(run_config=run_config))
-    assert _run_config(context) == {"eval_examples": 8, "eval_max_tokens": 32, "model": "m"}
+    context: Any = SimpleNamespace(run=SimpleNamespace(run_config=run_config), has_partition_key=False)
+    assert _run_config(context, get_workflow("supervised")) == {
+        "eval_examples": 8,
+        "eval_max_tokens": 32,
+        "model": "m",
+    }
 
 
 def test_open_in_mlflow_metadata_hides_a_database_password() -> None:
