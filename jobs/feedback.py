@@ -40,11 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import yaml
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 from pydantic import ValidationError
 
-from jobs.sensors import DATASET_TAG, TRIGGER_TAG, env_number, env_status
+from jobs.sensors import DATASET_TAG, TRIGGER_TAG, env_number, env_run_config, env_status
 from jobs.workflow_jobs import job_name
 from kitchen.feedback import build_training_data
 from kitchen.manifests import FeedbackDataManifest, read_manifest_file
@@ -116,13 +115,7 @@ class FeedbackRetrainSettings:
         def var(setting: str) -> str:
             return feedback_variable(workflow, setting)
 
-        run_config: dict[str, Any] = {}
-        config_file = os.environ.get(var("RUN_CONFIG"), "").strip()
-        if config_file:
-            loaded = yaml.safe_load(Path(config_file).read_text())
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{var('RUN_CONFIG')}={config_file}: expected a mapping of run config")
-            run_config = loaded
+        config_file, run_config = env_run_config(var("RUN_CONFIG"))
         raw = os.environ.get(var("THRESHOLD"), "").strip() or "16"
         if not raw.isdigit():
             raise ValueError(f"{var('THRESHOLD')}={raw!r}: expected a whole number of pairs or replies")

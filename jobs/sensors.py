@@ -56,6 +56,18 @@ def env_status(variable: str, default: dg.DefaultSensorStatus) -> dg.DefaultSens
     return statuses[value]
 
 
+def env_run_config(variable: str) -> tuple[str, dict[str, Any]]:
+    """The YAML file ``variable`` names and the run config in it (``""`` and empty when unset): what a
+    sensor launches. The path is returned for the caller's message when validation fails later."""
+    config_file = os.environ.get(variable, "").strip()
+    if not config_file:
+        return "", {}
+    loaded = yaml.safe_load(Path(config_file).read_text())
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{variable}={config_file}: expected a mapping of run config")
+    return config_file, loaded
+
+
 def env_number(variable: str, default: float) -> float:
     raw = os.environ.get(variable, "").strip()
     if not raw:
@@ -106,13 +118,7 @@ class RetrainSettings:
         def var(setting: str) -> str:
             return retrain_variable(workflow, setting)
 
-        run_config: dict[str, Any] = {}
-        config_file = os.environ.get(var("RUN_CONFIG"), "").strip()
-        if config_file:
-            loaded = yaml.safe_load(Path(config_file).read_text())
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{var('RUN_CONFIG')}={config_file}: expected a mapping of run config")
-            run_config = loaded
+        config_file, run_config = env_run_config(var("RUN_CONFIG"))
         listed = os.environ.get(var("SOURCES"), "")
         default_dataset = workflow.config.model_fields["dataset"].default
         sources = tuple(s.strip() for s in listed.split(",") if s.strip()) or (
