@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from tinker import types
 
@@ -107,3 +108,80 @@ def test_samples_of_one_prompt_share_a_prefill_and_keep_their_own_tokens(
             torch.testing.assert_close(
                 torch.tensor(seq.logprobs), torch.tensor(scored[len(prompt) :]), atol=1e-5, rtol=0
             )
+
+
+@pytest.mark.parametrize("reserve", [None, 1], ids=["default-reserve", "cache-grows-every-step"])
+def test_greedy_batch_gives_transformers_generate_tokens(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, reserve: int | None
+) -> None:
+    """One left-padded batch of prompts of different lengths whose rows stop at different steps (so
+    finished rows leave the batch and its cache mid-generation): every row's greedy tokens are
+    ``transformers.generate``'s for that prompt, cut at the row's ``max_tokens``. With a reserve of one
+    position the reserved cache also grows at every step."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from resources.local_engine import kv_cache
+    from resources.local_engine.generation import RowParams, generate, stop_rule
+
+    if reserve is not None:
+        monkeypatch.setattr(kv_cache, "RESERVE_BLOCK", reserve)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    texts = ["what is", "hello world the cat sat on mat", "1 + 2 =", "the", "you are a helpful assistant"]
+    prompts = [tokenizer.encode(text) for text in texts]
+    limits = [2, 9, 5, 12, 1]
+    eos = frozenset({tokenizer.eos_token_id})
+    rows = [
+        RowParams(
+            prompt=p, max_tokens=m, temperature=0.0, top_k=-1, top_p=1.0, stop=stop_rule(None, eos), seed=0
+        )
+        for p, m in zip(prompts, limits, strict=True)
+    ]
+    got = generate(model, tokenizer, rows, torch.device("cpu"), tokenizer.pad_token_id)
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max(limits),
+            eos_token_id=sorted(eos),
+            pad_token_id=tokenizer.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
+    for i, (limit, result) in enumerate(zip(limits, got, strict=True)):
+        expected = out.sequences[i, width:].tolist()[:limit]
+        if tokenizer.eos_token_id in expected:
+            expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
+        assert result.tokens == expected
+        assert result.stop_reason == ("stop" if expected[-1] == tokenizer.eos_token_id else "length")
+        # The logprobs depend on every cached position even where a random model's argmax does not.
+        want = logprobs[i, torch.arange(len(expected)), torch.tensor(expected)]
+        torch.testing.assert_close(torch.tensor(result.logprobs), want, atol=1e-5, rtol=0)
+
+
+def test_chosen_tokens_and_their_logprobs_per_row() -> None:
+    """Greedy rows take the first maximum, sampled rows draw with their own generator exactly as one row
+    alone would, and each logprob is the chosen token's entry of the full ``log_softmax``, bit for bit."""
+    from resources.local_engine.generation import RowParams, StopRule, choose_token, choose_tokens
+
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(3)) * 3
+    logits[0, 7] = logits[0, 21] = 50.0  # a tie: the first one wins
+    stop = StopRule(frozenset(), ())
+    settings = [(0.0, -1, 1.0), (1.0, -1, 1.0), (0.0, -1, 1.0), (0.7, 5, 1.0), (1.3, -1, 0.6)]
+    rows = [
+        RowParams(prompt=[1], max_tokens=1, temperature=t, top_k=k, top_p=p, stop=stop, seed=i)
+        for i, (t, k, p) in enumerate(settings)
+    ]
+    tokens, logprobs = choose_tokens(logits, rows, [torch.Generator().manual_seed(i) for i in range(5)])
+
+    assert tokens[0] == 7 and tokens[2] == max(range(40), key=lambda v: (logits[2, v].item(), -v))
+    for i in (1, 3, 4):
+        assert tokens[i] == choose_token(logits[i], rows[i], torch.Generator().manual_seed(i))
+    full = torch.log_softmax(logits, dim=-1)
+    assert logprobs == [float(full[i, token]) for i, token in enumerate(tokens)]

@@ -162,6 +162,20 @@ def test_batched_equals_unbatched(engine: LocalServiceClient, tiny_model_dir: Pa
         )
 
 
+def test_calls_submitted_back_to_back_are_one_batch(
+    sampler: LocalSamplingClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker waits for a run of submissions to end before it generates, rather than generating the
+    first call alone (a wide settling window, so a loaded machine cannot split the run)."""
+    from resources.local_engine import sampling
+
+    monkeypatch.setattr(sampling, "SETTLE_S", 0.25)
+    params = types.SamplingParams(max_tokens=2, temperature=0.0)
+    futures = [sampler.sample(prompt_of(sampler, text), 1, params) for text in PROMPTS]
+    assert all(len(f.result().sequences[0].tokens) >= 1 for f in futures)
+    assert sampler.batch_sizes == [len(PROMPTS)]
+
+
 def test_batches_respect_max_sampling_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
     client = (
         LocalServiceClient(root=tmp_path, max_sampling_batch=3)

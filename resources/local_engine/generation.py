@@ -118,6 +118,10 @@ def generate(
 
     Rows with the same prompt (a request's ``num_samples``, RL's group) share one prefill: each distinct
     prompt is run once and its KV cache copied to every row that starts from it.
+
+    Per step, greedy rows take their token by one on-device argmax over the batch and every row's logprob
+    is gathered on the device from the batch's ``log_softmax``; only sampled rows' logits leave it (each
+    row draws with its own generator), and one copy brings the chosen tokens and logprobs to the host.
     """
     results = [RowResult() for _ in rows]
     generators = [torch.Generator().manual_seed(row.seed) for row in rows]
@@ -135,11 +139,15 @@ def generate(
     next_position = attention.sum(dim=-1, keepdim=True)
     active = list(range(len(rows)))
     deaf: set[int] = set()
+    from resources.local_engine.kv_cache import RESERVE_BLOCK, reserved_cache  # imports transformers
+
+    cache = reserved_cache(model, reserve=min(max(row.max_tokens for row in rows), RESERVE_BLOCK))
     with torch.inference_mode():
         out = model(
             input_ids=input_ids.to(device),
             attention_mask=attention,
             position_ids=positions,
+            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -150,17 +158,15 @@ def generate(
             cache.batch_select_indices(index)
             attention, next_position, last_logits = attention[index], next_position[index], last_logits[index]
         while True:
-            logits = last_logits.float()
-            logprobs = torch.log_softmax(logits, dim=-1).cpu()
-            logits = logits.cpu()
-            chosen: list[int] = []
+            tokens, logprobs = choose_tokens(
+                last_logits, [rows[i] for i in active], [generators[i] for i in active]
+            )
             for batch_index, row_index in enumerate(active):
                 row, result = rows[row_index], results[row_index]
-                token = choose_token(logits[batch_index], row, generators[row_index])
+                token = tokens[batch_index]
                 result.tokens.append(token)
-                result.logprobs.append(float(logprobs[batch_index, token]))
+                result.logprobs.append(logprobs[batch_index])
                 result.stop_reason = _stop_reason(tokenizer, row, result)
-                chosen.append(token)
                 if row.on_token is not None and row_index not in deaf:
                     try:
                         row.on_token(token)
@@ -177,10 +183,10 @@ def generate(
                 cache.batch_select_indices(index)
                 attention, next_position = attention[index], next_position[index]
                 active = [active[i] for i in keep]
-                chosen = [chosen[i] for i in keep]
+                tokens = [tokens[i] for i in keep]
             attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=-1)
             out = model(
-                input_ids=torch.tensor(chosen, dtype=torch.long, device=device)[:, None],
+                input_ids=torch.tensor(tokens, dtype=torch.long, device=device)[:, None],
                 attention_mask=attention,
                 position_ids=next_position,
                 past_key_values=cache,
@@ -189,6 +195,26 @@ def generate(
             cache = out.past_key_values
             last_logits = out.logits[:, -1, :]
             next_position = next_position + 1
+
+
+def choose_tokens(
+    last_logits: torch.Tensor, rows: Sequence[RowParams], generators: Sequence[torch.Generator]
+) -> tuple[list[int], list[float]]:
+    """Each row's next token and its logprob under the model (temperature 1, untruncated).
+
+    Greedy rows: ``argmax`` over the batch at once (the first maximum, as ``choose_token`` takes).
+    The logprob is ``log_softmax(logits)[token]``, gathered on the device: the same kernel on the same
+    logits as training's ``cross_entropy``, so the values are bit-identical to a full ``log_softmax``.
+    """
+    logits = last_logits.float()
+    chosen = torch.argmax(logits, dim=-1)
+    sampled = [i for i, row in enumerate(rows) if row.temperature != 0]
+    if sampled:
+        host = logits[sampled].cpu()
+        picks = [choose_token(host[j], rows[i], generators[i]) for j, i in enumerate(sampled)]
+        chosen[sampled] = torch.tensor(picks, dtype=chosen.dtype, device=chosen.device)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, chosen[:, None])[:, 0]
+    return chosen.tolist(), logprobs.tolist()
 
 
 def _stop_reason(tokenizer: Any, row: RowParams, result: RowResult) -> types.StopReason | None:

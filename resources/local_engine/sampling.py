@@ -16,6 +16,7 @@ import functools
 import itertools
 import secrets
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
@@ -42,6 +43,10 @@ from resources.local_engine.runtime import (
 )
 from resources.local_engine.scoring import target_logprobs, token_budget_chunks
 from resources.local_engine.uris import path_from_uri
+
+#: How long the worker waits for the next of a run of submissions before it starts generating: longer than
+#: the gap between two back-to-back ``sample`` calls, short next to a generation step.
+SETTLE_S = 0.002
 
 
 @dataclass
@@ -206,6 +211,7 @@ class LocalSamplingClient:
 
     def _drain(self) -> None:
         """Serve every request queued so far; later submissions wait for the next drain."""
+        self._settle()
         with self._lock:
             requests = [r for r in self._queue if r.future.set_running_or_notify_cancel()]
             self._queue.clear()
@@ -219,6 +225,19 @@ class LocalSamplingClient:
                     request.future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
+
+    def _settle(self) -> None:
+        """Wait while requests are still arriving, so that calls submitted back to back (a batch of prompts,
+        all submitted before any is awaited) are generated together: without it the worker wakes at the
+        first and generates it alone while the rest queue behind it."""
+        seen = 0
+        while True:
+            with self._lock:
+                queued = len(self._queue)
+            if queued == seen:
+                return
+            seen = queued
+            time.sleep(SETTLE_S)
 
     def _serve(self, requests: list[_Request]) -> None:
         prompt_logprobs = self._score([r.prompt for r in requests if r.score_prompt])
