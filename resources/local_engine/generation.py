@@ -123,6 +123,8 @@ def generate(
     is gathered on the device from the batch's ``log_softmax``; only sampled rows' logits leave it (each
     row draws with its own generator), and one copy brings the chosen tokens and logprobs to the host.
     """
+    from resources.local_engine.kv_cache import RESERVE_BLOCK, reserved_cache  # imports transformers
+
     results = [RowResult() for _ in rows]
     generators = [torch.Generator().manual_seed(row.seed) for row in rows]
     distinct: dict[tuple[int, ...], int] = {}
@@ -139,8 +141,6 @@ def generate(
     next_position = attention.sum(dim=-1, keepdim=True)
     active = list(range(len(rows)))
     deaf: set[int] = set()
-    from resources.local_engine.kv_cache import RESERVE_BLOCK, reserved_cache  # imports transformers
-
     cache = reserved_cache(model, reserve=min(max(row.max_tokens for row in rows), RESERVE_BLOCK))
     with torch.inference_mode():
         out = model(

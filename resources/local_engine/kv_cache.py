@@ -21,8 +21,8 @@ class ReservedLayer(DynamicLayer):
 
     ``DynamicLayer`` grows by ``torch.cat``, copying the layer's whole cache at every step (a tenth of
     ``transformers.generate``'s time at batch 32 on SmolLM2-135M, more than attention takes); here a step
-    writes one position into the buffer and ``keys``/``values`` are views of the filled part. The buffer grows by ``reserve`` positions
-    when full.
+    writes one position into the buffer and ``keys``/``values`` are views of the filled part. The buffer
+    grows by ``reserve`` positions when full.
     """
 
     def __init__(self, reserve: int) -> None:

@@ -46,7 +46,7 @@ from resources.local_engine.uris import path_from_uri
 
 #: How long the worker waits for the next of a run of submissions before it starts generating: longer than
 #: the gap between two back-to-back ``sample`` calls, short next to a generation step.
-SETTLE_S = 0.002
+SETTLE_S = 0.005
 
 
 @dataclass
