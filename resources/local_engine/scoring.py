@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from resources.local_engine import vocab
+
 
 def target_logprobs(
     model: Any,
@@ -90,7 +92,7 @@ def _project(
     if not torch.is_grad_enabled():
         return list(_projected_logprobs(lm_head, real_hidden, flat_targets).split(lengths))
     if wanted is None:
-        return list(_logprobs(lm_head(real_hidden), flat_targets).split(lengths))
+        return list(_graded_logprobs(lm_head, real_hidden, flat_targets).split(lengths))
     flat_wanted = torch.cat(list(wanted))
     # One position stays in the graph even when none needs it, so the loss can still be back-propagated
     # (to zero gradients, as before) and the optimizer's step counts stay what they were.
@@ -101,8 +103,16 @@ def _project(
         flat = torch.zeros(len(flat_targets), dtype=torch.float32, device=device)
         if len(without):
             flat[without] = _projected_logprobs(lm_head, real_hidden[without], flat_targets[without])
-    graded = _logprobs(lm_head(real_hidden[with_grad]), flat_targets[with_grad])
+    graded = _graded_logprobs(lm_head, real_hidden[with_grad], flat_targets[with_grad])
     return list(flat.index_put((with_grad,), graded).split(lengths))
+
+
+def _graded_logprobs(lm_head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Target logprobs with a graph; many rows walk the vocabulary in slices (``vocab``), keeping no
+    rows x vocabulary tensor."""
+    if vocab.eligible(lm_head, hidden):
+        return vocab.target_logprobs(hidden, lm_head.weight, targets)
+    return _logprobs(lm_head(hidden), targets)
 
 
 def _agreed_targets(targets: Sequence[torch.Tensor], prefix: int) -> int:
@@ -167,11 +177,14 @@ def _logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 #: Positions projected onto the vocabulary at once without a graph: bounds the logits' memory
 #: (256 x 49152 floats is 50 MB, twice that with their log-softmax) whatever the batch's length, while
 #: each block is still a large matrix product.
-PROJECTION_ROWS = 256
+PROJECTION_ROWS = 64
 
 
 def _projected_logprobs(lm_head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``_logprobs(lm_head(hidden), targets)`` in blocks of rows; only without a graph (no autograd)."""
+    """``_logprobs(lm_head(hidden), targets)`` without a graph: many rows walk the vocabulary in slices
+    (``vocab``), fewer go in row blocks; either way no rows x vocabulary tensor is kept."""
+    if vocab.eligible(lm_head, hidden):
+        return vocab.target_logprobs(hidden, lm_head.weight, targets)
     return torch.cat(
         [
             _logprobs(
