@@ -177,13 +177,14 @@ def _logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 #: Positions projected onto the vocabulary at once without a graph: bounds the logits' memory
 #: (256 x 49152 floats is 50 MB, twice that with their log-softmax) whatever the batch's length, while
 #: each block is still a large matrix product.
-PROJECTION_ROWS = 64
+PROJECTION_ROWS = 256
 
 
 def _projected_logprobs(lm_head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``_logprobs(lm_head(hidden), targets)`` without a graph: many rows walk the vocabulary in slices
-    (``vocab``), fewer go in row blocks; either way no rows x vocabulary tensor is kept."""
-    if vocab.eligible(lm_head, hidden):
+    """``_logprobs(lm_head(hidden), targets)`` without a graph: more rows than one block walk the
+    vocabulary in slices (``vocab``: one pass over the projection matrix, where every row block would
+    read all of it again), fewer go in one block; either way no rows x vocabulary tensor is kept."""
+    if vocab.eligible(lm_head, hidden, min_rows=PROJECTION_ROWS + 1):
         return vocab.target_logprobs(hidden, lm_head.weight, targets)
     return torch.cat(
         [

@@ -21,11 +21,12 @@ import torch
 
 #: Logits of one slice for all rows, in floats: 2M floats is 8 MB, about what stays in this CPU's cache.
 SLICE_FLOATS = 1 << 21
-#: Fewer rows than this take the plain path: their logits are small, and the plain path is exact.
+#: Fewer rows than this take the plain path when a graph is kept: their logits are small, and the plain
+#: path is exact.
 MIN_ROWS = 512
 
 
-def eligible(lm_head: Any, hidden: torch.Tensor) -> bool:
+def eligible(lm_head: Any, hidden: torch.Tensor, min_rows: int = MIN_ROWS) -> bool:
     """A plain, frozen, bias-free float32 projection and enough rows for slicing to pay."""
     return (
         type(lm_head) is torch.nn.Linear
@@ -33,7 +34,7 @@ def eligible(lm_head: Any, hidden: torch.Tensor) -> bool:
         and not lm_head.weight.requires_grad
         and lm_head.weight.dtype == torch.float32
         and hidden.dtype == torch.float32
-        and hidden.shape[0] >= MIN_ROWS
+        and hidden.shape[0] >= min_rows
     )
 
 
