@@ -23,7 +23,8 @@ Phases: ``kitchen``'s come from its telemetry JSONL (``kitchen.stage.stop`` dura
 timestamps; "process start" is from spawning the process to ``kitchen.workflow.start``, so it holds the
 imports, the CLI's checks and the run's creation; "between steps" is the run's time outside any step);
 ``bare``'s are wall-clock stamps taken between its calls. Exit is the last stamp to the process's end.
-Overhead = (kitchen - bare) / bare on whole-process wall times. Both must train the same numbers: every
+Overhead = (kitchen - bare) / bare on whole-process wall times, and on CPU time (user + system, from
+``getrusage``), which a shared machine's load distorts less. Both must train the same numbers: every
 step's loss and every held-out metric are compared, and a mismatch is printed (not the same work).
 
 Model dequantization (about 40 s the first time a home sees the packaged GGUF) is excluded: before timing,
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -244,6 +246,17 @@ def warm_model_cache(cache: Path) -> Path:
     return Path(done.stdout.strip().splitlines()[-1])
 
 
+def timed(command: list[str], home: Path) -> tuple[subprocess.CompletedProcess[str], float, float, float]:
+    """Run ``command``; (result, spawn time, end time, its CPU seconds: user + system, children included)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    spawned = time.time()
+    done = subprocess.run(command, env=child_env(home), capture_output=True, text=True)
+    ended = time.time()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return done, spawned, ended, cpu
+
+
 def fresh_home(model_dir: Path) -> Path:
     home = Path(tempfile.mkdtemp(prefix="kitchen-overhead-"))
     (home / "models").mkdir()
@@ -270,9 +283,7 @@ def run_kitchen(config: dict[str, Any], home: Path) -> dict[str, Any]:
     from kitchen.training.loop import read_metrics
 
     command = [sys.executable, "-m", "kitchen.cli", "run", "supervised", *flags(config)]
-    spawned = time.time()
-    done = subprocess.run(command, env=child_env(home), capture_output=True, text=True)
-    ended = time.time()
+    done, spawned, ended, cpu = timed(command, home)
     reports = list((home / "reports" / "supervised").glob("*/report.json"))
     gate_failed = bool(reports) and not json.loads(reports[0].read_text())["gate"]["passed"]
     if done.returncode != 0 and not (done.returncode == 1 and gate_failed):
@@ -298,6 +309,7 @@ def run_kitchen(config: dict[str, Any], home: Path) -> dict[str, Any]:
     report = json.loads(reports[0].read_text())
     return {
         "total": ended - spawned,
+        "cpu": cpu,
         "phases": phases,
         "losses": [m.loss for m in read_metrics(metrics_file)],
         "base": report["base"],
@@ -308,9 +320,7 @@ def run_kitchen(config: dict[str, Any], home: Path) -> dict[str, Any]:
 def run_bare_process(config: dict[str, Any], home: Path) -> dict[str, Any]:
     result_path = home / "bare-result.json"
     command = [sys.executable, __file__, "--bare", json.dumps(config), "--result", str(result_path)]
-    spawned = time.time()
-    done = subprocess.run(command, env=child_env(home), capture_output=True, text=True)
-    ended = time.time()
+    done, spawned, ended, cpu = timed(command, home)
     if done.returncode != 0:
         raise SystemExit(f"bare run failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     result = json.loads(result_path.read_text())
@@ -320,7 +330,8 @@ def run_bare_process(config: dict[str, Any], home: Path) -> dict[str, Any]:
     for name, stamp in stamps.items():
         phases[name], last = stamp - last, stamp
     phases["exit"] = ended - last
-    return {"total": ended - spawned, **{k: v for k, v in result.items() if k != "stamps"}, "phases": phases}
+    kept = {k: v for k, v in result.items() if k != "stamps"}
+    return {"total": ended - spawned, "cpu": cpu, **kept, "phases": phases}
 
 
 def same_numbers(kitchen: dict[str, Any], bare: dict[str, Any]) -> list[str]:
@@ -357,24 +368,27 @@ def run_variant(variant: str, config: dict[str, Any], model_dir: Path, keep: boo
 
 
 def print_table(runs: dict[str, list[dict[str, Any]]]) -> None:
-    def median(name: str, phase: str | None) -> float:
-        values = [r["total"] if phase is None else r["phases"][phase] for r in runs[name]]
+    def median(name: str, phase: str) -> float:
+        values = [r[phase] if phase in ("total", "cpu") else r["phases"][phase] for r in runs[name]]
         return statistics.median(values)
 
     print("| phase (seconds) | " + " | ".join(VARIANTS.values()) + " |")
     print("|---|" + "---:|" * len(VARIANTS))
     for phase, label in PHASES:
         print(f"| {label} | " + " | ".join(f"{median(v, phase):.1f}" for v in VARIANTS) + " |")
-    totals = {v: median(v, None) for v in VARIANTS}
+    totals = {v: median(v, "total") for v in VARIANTS}
+    cpus = {v: median(v, "cpu") for v in VARIANTS}
     print("| **total (wall)** | " + " | ".join(f"**{t:.1f}**" for t in totals.values()) + " |")
-    bare = totals["bare"]
-    for variant in ("kitchen", "kitchen-ready"):
-        print(
-            f"\noverhead, {VARIANTS[variant]}: (kitchen - bare) / bare = "
-            f"({totals[variant]:.1f} - {bare:.1f}) / {bare:.1f} = {(totals[variant] - bare) / bare:+.1%}",
-            end="",
-        )
+    print("| CPU time (user + system) | " + " | ".join(f"{t:.1f}" for t in cpus.values()) + " |")
     print()
+    for variant in ("kitchen", "kitchen-ready"):
+        wall, bare = totals[variant], totals["bare"]
+        cpu, bare_cpu = cpus[variant], cpus["bare"]
+        print(
+            f"overhead, {VARIANTS[variant]}: (kitchen - bare) / bare = "
+            f"({wall:.1f} - {bare:.1f}) / {bare:.1f} = {(wall - bare) / bare:+.1%} wall, "
+            f"{(cpu - bare_cpu) / bare_cpu:+.1%} CPU time"
+        )
 
 
 def main() -> None:
