@@ -61,6 +61,7 @@ bench: setup $(BENCH_STAMP)
 	$(BIN)/python bench/pipelining.py
 	$(BIN)/python bench/sampling_snapshot.py
 	$(BIN)/python bench/serve_latency.py
+	$(BIN)/python bench/dagster_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
