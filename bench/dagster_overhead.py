@@ -145,7 +145,6 @@ def run_bare(config_values: dict[str, Any], result_path: Path) -> None:
     datums = save_datums(built, tokenizer_fingerprint(tokenizer))
     stamps["datums"] = time.time()
 
-    # The train asset's settings (kitchen_assets.training.training_spec lives in the Dagster layer).
     train = sections["train"]
     service = LocalServiceClient()
     plan = workflow.build_plan(
@@ -153,18 +152,8 @@ def run_bare(config_values: dict[str, Any], result_path: Path) -> None:
             config=train, base_model=base_model, inputs={"datums": datums}, service=service, log=print
         )
     )
-    spec = TrainingSpec(
-        base_model=base_model.backend_model,
-        lora_rank=train.lora_rank,
-        learning_rate=train.learning_rate or workflow.default_learning_rate(base_model),
-        lr_schedule=train.lr_schedule,
-        warmup_steps=train.warmup_steps,
-        save_every=train.save_every,
-        seed=train.seed,
-        weight_decay=train.weight_decay,
-        grad_clip_norm=train.grad_clip_norm,
-        max_in_flight=train.max_in_flight,
-    )
+    learning_rate = train.learning_rate or workflow.default_learning_rate(base_model)
+    spec = TrainingSpec.from_section(train, base_model, learning_rate)
     run_dir = Path(os.environ["KITCHEN_HOME"]) / "runs" / workflow.name / "bare"
     try:
         result = run_training(service, spec, plan, run_dir, key="bare", resume=False)
