@@ -62,6 +62,7 @@ bench: setup $(BENCH_STAMP)
 	$(BIN)/python bench/sampling_snapshot.py
 	$(BIN)/python bench/serve_latency.py
 	$(BIN)/python bench/sampling_vs_generate.py
+	$(BIN)/python bench/dagster_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

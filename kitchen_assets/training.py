@@ -76,20 +76,8 @@ class DagsterLogObserver(BaseObserver):
 
 
 def training_spec(config: Any, base_model: BaseModelManifest, learning_rate: float) -> TrainingSpec:
-    """The loop's settings from a ``train`` section; a registered starting model fixes the LoRA rank."""
-    return TrainingSpec(
-        base_model=base_model.backend_model,
-        lora_rank=base_model.lora_rank or config.lora_rank,
-        learning_rate=learning_rate,
-        lr_schedule=config.lr_schedule,
-        warmup_steps=config.warmup_steps,
-        save_every=config.save_every,
-        seed=config.seed,
-        init_state=base_model.init_state,
-        weight_decay=config.weight_decay,
-        grad_clip_norm=config.grad_clip_norm,
-        max_in_flight=config.max_in_flight,
-    )
+    """The loop's settings from a ``train`` section (a seam tests patch to fail one partition)."""
+    return TrainingSpec.from_section(config, base_model, learning_rate)
 
 
 def hyperparameters(config: Any, spec: TrainingSpec, plan: TrainingPlan) -> dict[str, float | int | str]:

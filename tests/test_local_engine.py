@@ -671,6 +671,41 @@ def test_snapshots_and_adapter_samplers_share_the_base_and_hold_only_the_adapter
     assert copied() is None
 
 
+def test_training_runs_on_the_shared_base_weights_and_never_changes_them(
+    service: LocalServiceClient, tiny_model_dir: Path, tokenizer: Any
+) -> None:
+    """One copy of the base weights per process: a training client's frozen weights are the samplers'
+    tensors (same storage), its own modules are separate (train mode, LoRA layers), and training with
+    a base sampler open leaves the base's outputs exactly as they were."""
+    from resources.local_engine.runtime import shared_base_model
+
+    base_sampler = service.create_sampling_client(base_model=str(tiny_model_dir)).result()
+    prompt = types.ModelInput.from_ints(tokenizer.encode(TEXTS[0]))
+    before = base_sampler.compute_logprobs(prompt).result()
+    base = shared_base_model(tiny_model_dir.resolve(), service.runtime.device, service.runtime.dtype)
+    base_storage = {name: p.data_ptr() for name, p in base.named_parameters()}
+    snapshot = {name: p.detach().clone() for name, p in base.named_parameters()}
+
+    create = service.create_lora_training_client
+    clients = [create(str(tiny_model_dir), rank=8, seed=seed).result() for seed in (0, 1)]
+    for client in clients:
+        frozen = {
+            name.removeprefix("base_model.model.").replace(".base_layer", ""): p
+            for name, p in client.peft_model.named_parameters()
+            if not p.requires_grad
+        }
+        assert frozen and set(frozen) <= set(base_storage)
+        assert all(p.data_ptr() == base_storage[name] for name, p in frozen.items())
+        assert client.peft_model.training and not base.training
+        train(client, make_batch(tokenizer), steps=3, lr=5e-2)
+
+    for name, p in base.named_parameters():
+        assert torch.equal(p, snapshot[name]), name
+    assert base_sampler.compute_logprobs(prompt).result() == before
+    trained = clients[0].save_weights_and_get_sampling_client().result()
+    assert trained.compute_logprobs(prompt).result() != before
+
+
 def test_samplers_on_different_weights_run_side_by_side(
     service: LocalServiceClient, tiny_model_dir: Path, tokenizer: Any
 ) -> None:

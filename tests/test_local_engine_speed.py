@@ -185,3 +185,114 @@ def test_chosen_tokens_and_their_logprobs_per_row() -> None:
         assert tokens[i] == choose_token(logits[i], rows[i], torch.Generator().manual_seed(i))
     full = torch.log_softmax(logits, dim=-1)
     assert logprobs == [float(full[i, token]) for i, token in enumerate(tokens)]
+
+
+def _by_hand(
+    model: Any, inputs: list[list[int]], targets: list[list[int]], weights: list[list[float]]
+) -> Any:
+    """The loss, logprobs and LoRA gradients of each sequence run alone through the whole model."""
+    model.zero_grad(set_to_none=True)
+    total = torch.zeros(())
+    logprobs = []
+    for tokens, target, w in zip(inputs, targets, weights, strict=True):
+        logits = model(input_ids=torch.tensor([tokens])).logits[0]
+        lp = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(target)[:, None])[:, 0]
+        logprobs.append(lp.detach())
+        total = total - (torch.tensor(w) * lp).sum()
+    total.backward()
+    return total.detach(), logprobs
+
+
+def test_a_shared_prefix_is_decoded_once_with_the_same_loss_logprobs_and_gradients(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: Any
+) -> None:
+    """Rows that share their first tokens (a system turn, a DPO pair's prompt) run the prefix once; the
+    result is each row run alone, whether the targets agree inside the prefix or not, and whether a row
+    weights a prefix position (one row does here) or not."""
+    from resources.local_engine import scoring
+
+    calls: list[int] = []
+    original = scoring._decode_with_shared_prefix
+
+    def spy(decoder: Any, inputs: Any, prefix: int, device: Any) -> Any:
+        calls.append(prefix)
+        return original(decoder, inputs, prefix, device)
+
+    monkeypatch.setattr(scoring, "_decode_with_shared_prefix", spy)
+    client = _client(tmp_path, tiny_model_dir)
+    model = client.peft_model
+    _randomise_lora_b(model)
+    prefix = [5, 9, 13, 2, 7, 11, 3, 8, 4, 6]
+    inputs = [[*prefix, 1, 12, 14], [*prefix, 15], [*prefix, 1, 10, 2, 3, 9]]
+    shifted = [[*row[1:], 7] for row in inputs]
+    own_targets = [row[:] for row in shifted]
+    own_targets[1][2] = 17  # the targets part ways inside the prefix
+    for targets in (shifted, own_targets):
+        weights = [[0.0] * (len(row) - 2) + [1.0, 0.5] for row in inputs]
+        weights[2][4] = 2.0  # a weighted position inside the prefix, in one row only
+        data = [
+            types.Datum(
+                model_input=types.ModelInput.from_ints(row),
+                loss_fn_inputs={"target_tokens": target, "weights": w},
+            )
+            for row, target, w in zip(inputs, targets, weights, strict=True)
+        ]
+        calls.clear()
+        out = client.forward_backward(data, "cross_entropy").result()
+        assert calls == [len(prefix)]
+        params = [p for _, p in client._params]
+        got = [p.grad.clone() for p in params]
+        total, logprobs = _by_hand(model, inputs, targets, weights)
+        torch.testing.assert_close(torch.tensor(out.metrics["loss:sum"]), total, atol=1e-5, rtol=1e-5)
+        for output, want in zip(out.loss_fn_outputs, logprobs, strict=True):
+            torch.testing.assert_close(output["logprobs"].to_torch(), want, atol=1e-5, rtol=1e-5)
+        # Rounding differs (the prefix runs at batch 1): each tensor's gradient agrees to 1e-5 of its norm.
+        for g, p in zip(got, params, strict=True):
+            assert p.grad is not None and float(p.grad.norm()) > 0
+            assert float((g - p.grad).norm()) <= 1e-5 * float(p.grad.norm())
+        model.zero_grad(set_to_none=True)
+
+
+def test_only_a_prefix_long_enough_and_leaving_every_row_a_token_is_shared() -> None:
+    from resources.local_engine.scoring import MIN_SHARED_PREFIX, shared_prefix
+
+    long = list(range(1, MIN_SHARED_PREFIX + 3))
+    assert shared_prefix([long, [*long[:-1], 0]]) == len(long) - 1
+    assert shared_prefix([long, long]) == len(long) - 1  # identical rows still decode their last token
+    assert shared_prefix([long, long[:MIN_SHARED_PREFIX]]) == 0  # the shorter row would have nothing left
+    assert shared_prefix([long, long[: MIN_SHARED_PREFIX + 1]]) == MIN_SHARED_PREFIX
+    assert shared_prefix([long]) == 0
+    assert shared_prefix([long, [0, *long[1:]]]) == 0
+
+
+def test_the_vocabulary_walked_in_slices_gives_cross_entropys_values_and_gradients(monkeypatch: Any) -> None:
+    """Long batches score the vocabulary a slice at a time (the last slice shorter here): the same
+    logprobs and input gradients as ``F.cross_entropy`` on the whole logits, with and without a graph."""
+    import torch.nn.functional as F
+
+    from resources.local_engine import vocab
+
+    monkeypatch.setattr(vocab, "SLICE_FLOATS", 40 * 300)  # 40 rows: slices of 300 over a vocabulary of 1000
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 16, generator=generator)
+    weight = torch.randn(1000, 16, generator=generator)
+    targets = torch.randint(0, 1000, (40,), generator=generator)
+    upstream = torch.randn(40, generator=generator)
+
+    want_input = hidden.clone().requires_grad_(True)
+    want = -F.cross_entropy(want_input @ weight.T, targets, reduction="none")
+    (want * upstream).sum().backward()
+    got_input = hidden.clone().requires_grad_(True)
+    got = vocab.target_logprobs(got_input, weight, targets)
+    (got * upstream).sum().backward()
+
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got_input.grad is not None and want_input.grad is not None
+    torch.testing.assert_close(got_input.grad, want_input.grad, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(vocab.target_logprobs(hidden, weight, targets), got.detach())
+
+    head = torch.nn.Linear(16, 1000, bias=False).requires_grad_(False)
+    assert vocab.eligible(head, torch.zeros(vocab.MIN_ROWS, 16))
+    assert not vocab.eligible(head, torch.zeros(vocab.MIN_ROWS - 1, 16))
+    assert not vocab.eligible(head.requires_grad_(True), torch.zeros(vocab.MIN_ROWS, 16))

@@ -2,6 +2,6 @@
 
 import sys
 
-from kitchen.cli import main
+from kitchen.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

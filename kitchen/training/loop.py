@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from tinker import types
 
@@ -37,6 +37,9 @@ from kitchen.locks import file_lock
 from kitchen.training.ledger import Checkpoint, Ledger
 from kitchen.training.plan import Policy, StepBatch, TrainingPlan
 from kitchen.training.schedule import LRSchedule, learning_rate_at
+
+if TYPE_CHECKING:
+    from kitchen.manifests import BaseModelManifest
 
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".training.lock"
@@ -75,6 +78,24 @@ class TrainingSpec:
     weight_decay: float = 0.0
     grad_clip_norm: float = 0.0
     max_in_flight: int = 8
+
+    @classmethod
+    def from_section(cls, section: Any, base_model: BaseModelManifest, learning_rate: float) -> TrainingSpec:
+        """The settings of a workflow's ``train`` section; a registered starting model fixes the LoRA rank
+        and the weights to start from."""
+        return cls(
+            base_model=base_model.backend_model,
+            lora_rank=base_model.lora_rank or section.lora_rank,
+            learning_rate=learning_rate,
+            lr_schedule=section.lr_schedule,
+            warmup_steps=section.warmup_steps,
+            save_every=section.save_every,
+            seed=section.seed,
+            init_state=base_model.init_state,
+            weight_decay=section.weight_decay,
+            grad_clip_norm=section.grad_clip_norm,
+            max_in_flight=section.max_in_flight,
+        )
 
     def adam(self, learning_rate: float) -> types.AdamParams:
         return types.AdamParams(

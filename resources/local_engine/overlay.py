@@ -159,6 +159,11 @@ def lora_sum(
     return flat.view(output.shape)
 
 
+def prepare_for_overlays(model: torch.nn.Module) -> None:
+    """Put the overlay hooks on a shared model now rather than at its first sampler."""
+    _hooked(model)
+
+
 def _hooked(model: torch.nn.Module) -> _Hooked:
     with _HOOKED_LOCK:
         hooked = _HOOKED.get(model)

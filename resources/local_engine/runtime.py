@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import ctypes
+import gc
+import itertools
+import sys
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -88,12 +94,15 @@ _BASE_CACHE_LOCK = threading.Lock()
 
 
 def shared_base_model(path: Path, device: torch.device, dtype: torch.dtype) -> Any:
-    """One frozen, eval-mode copy of a base model per process, for sampling.
+    """One frozen, eval-mode copy of a base model's weights per process, for everything that runs it.
 
-    Evaluating the base model and then several trained adapters would otherwise reload the weights
-    each time. Nothing may mutate its weights: samplers on trained weights apply their adapter as an
-    overlay (``overlay.applied``), and training clients load their own copy.
+    Samplers run this model itself, a trained adapter applied as an overlay (``overlay.applied``);
+    training clients run their own module tree over the same weight tensors (``base_model_view``). So
+    the base model, the policy's sampling snapshots, the DPO reference and evaluation hold one copy of
+    the weights between them. Nothing may mutate them: they are frozen, and LoRA never writes them.
     """
+    from resources.local_engine.overlay import prepare_for_overlays
+
     key = (path, str(device), dtype)
     with _BASE_CACHE_LOCK:
         model = _BASE_CACHE.get(key)
@@ -101,8 +110,23 @@ def shared_base_model(path: Path, device: torch.device, dtype: torch.dtype) -> A
             model = load_model(path, dtype).to(device)
             model.eval()
             model.requires_grad_(False)
+            # Hooked now, before anyone can copy its module tree, so the tree never changes afterwards.
+            prepare_for_overlays(model)
             _BASE_CACHE[key] = model
         return model
+
+
+def base_model_view(path: Path, device: torch.device, dtype: torch.dtype) -> Any:
+    """A new module tree over the shared base model's own parameter and buffer tensors, for PEFT to wrap.
+
+    A training client needs modules of its own (PEFT replaces its ``Linear`` layers with LoRA layers, and
+    it runs in train mode) but not weights of its own: the base's are frozen. Sharing them saves a whole
+    copy of the model (538 MB for SmolLM2-135M in float32). The samplers' overlay hooks are left out.
+    """
+    base = shared_base_model(path, device, dtype)
+    memo: dict[int, Any] = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
+    memo.update({id(module._forward_hooks): OrderedDict() for module in base.modules()})
+    return copy.deepcopy(base, memo)
 
 
 def context_window(model: Any) -> int | None:
@@ -113,3 +137,26 @@ def context_window(model: Any) -> int | None:
 
 def vocab_size(model: Any) -> int:
     return int(model.get_input_embeddings().num_embeddings)
+
+
+def release_freed_memory() -> None:
+    """Collect unreachable objects, then return the C heap's free pages to the OS (glibc's
+    ``malloc_trim``). PyTorch's CPU tensors live on that heap, and glibc keeps what a training step freed
+    (a few hundred MB of activations) mapped for reuse; without this a process's resident memory stays at
+    its largest step for good. Elsewhere (no glibc) only the collection runs."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from resources.local_engine import vocab
+
 
 def target_logprobs(
     model: Any,
@@ -30,38 +32,142 @@ def target_logprobs(
     padding. ``grad_positions`` (per sequence, a bool mask) names the positions whose logprob the loss can
     differentiate; the others (the prompt, in SFT most of the sequence) get their logprob without a
     graph, so their logits are neither kept nor back-propagated. Their gradient would be zero anyway.
+
+    A prefix every sequence shares (a chat template's system turn, a DPO pair's prompt, an RL group's
+    problem) runs through the decoder once, and the rest of each sequence attends to its keys and values
+    (``shared_prefix``): the same function of the weights, with gradients summed over the sequences by
+    autograd, in far fewer FLOPs when the prefix is a large part of the batch.
     """
     lengths = [len(seq) for seq in inputs]
-    batch, width = len(inputs), max(lengths)
-    input_ids = torch.zeros((batch, width), dtype=torch.long)
-    for row, seq in enumerate(inputs):
-        input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
     head = _split_head(model)
     if head is None:
-        logits = model(input_ids=input_ids.to(device), use_cache=False).logits
+        logits = model(input_ids=_right_padded(inputs).to(device), use_cache=False).logits
         real = [logits[row, :length] for row, length in enumerate(lengths)]
         flat_logprobs = _logprobs(torch.cat(real), torch.cat(list(targets)).to(device))
         return list(flat_logprobs.split(lengths))
     decoder, lm_head = head
-    hidden = decoder(input_ids=input_ids.to(device), use_cache=False).last_hidden_state
-    real_hidden = torch.cat([hidden[row, :length] for row, length in enumerate(lengths)])
-    flat_targets = torch.cat([t.to(torch.long) for t in targets]).to(device)
+    target_rows = [t.to(device=device, dtype=torch.long) for t in targets]
+    wanted = None
+    if torch.is_grad_enabled() and grad_positions is not None:
+        wanted = [mask.to(device=device, dtype=torch.bool) for mask in grad_positions]
+    prefix = shared_prefix(inputs)
+    if not prefix:
+        hidden = decoder(input_ids=_right_padded(inputs).to(device), use_cache=False).last_hidden_state
+        rows = [hidden[row, :length] for row, length in enumerate(lengths)]
+        return _project(lm_head, rows, target_rows, wanted, device)
+    prefix_hidden, rest_hidden = _decode_with_shared_prefix(decoder, inputs, prefix, device)
+    # Positions before ``agreed`` have the same input prefix and the same target in every row: their
+    # logprob is one number, projected once and shared (autograd sums the rows' gradients into it).
+    agreed = _agreed_targets(target_rows, prefix)
+    rows = [
+        torch.cat([prefix_hidden[agreed:], rest_hidden[row, : length - prefix]])
+        for row, length in enumerate(lengths)
+    ]
+    shared = [prefix_hidden[:agreed]] if agreed else []
+    shared_targets = [target_rows[0][:agreed]] if agreed else []
+    row_wanted = None
+    if wanted is not None:
+        shared_wanted = [torch.stack([mask[:agreed] for mask in wanted]).any(dim=0)] if agreed else []
+        row_wanted = shared_wanted + [mask[agreed:] for mask in wanted]
+    projected = _project(
+        lm_head, shared + rows, shared_targets + [t[agreed:] for t in target_rows], row_wanted, device
+    )
+    if not agreed:
+        return projected
+    common, own = projected[0], projected[1:]
+    return [torch.cat([common, row]) for row in own]
+
+
+def _project(
+    lm_head: Any,
+    rows: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    wanted: Sequence[torch.Tensor] | None,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """Each row's hidden states projected onto the vocabulary and scored against its targets; with
+    ``wanted`` only those positions keep a graph (the rest are projected without one, in blocks)."""
+    lengths = [len(row) for row in rows]
+    real_hidden, flat_targets = torch.cat(list(rows)), torch.cat(list(targets))
     if not torch.is_grad_enabled():
         return list(_projected_logprobs(lm_head, real_hidden, flat_targets).split(lengths))
-    if grad_positions is None:
-        return list(_logprobs(lm_head(real_hidden), flat_targets).split(lengths))
-    wanted = torch.cat([mask.to(torch.bool) for mask in grad_positions]).to(device)
+    if wanted is None:
+        return list(_graded_logprobs(lm_head, real_hidden, flat_targets).split(lengths))
+    flat_wanted = torch.cat(list(wanted))
     # One position stays in the graph even when none needs it, so the loss can still be back-propagated
     # (to zero gradients, as before) and the optimizer's step counts stay what they were.
-    wanted[0] = True
-    with_grad = wanted.nonzero().squeeze(1)
-    without = (~wanted).nonzero().squeeze(1)
+    flat_wanted[0] = True
+    with_grad = flat_wanted.nonzero().squeeze(1)
+    without = (~flat_wanted).nonzero().squeeze(1)
     with torch.no_grad():
         flat = torch.zeros(len(flat_targets), dtype=torch.float32, device=device)
         if len(without):
             flat[without] = _projected_logprobs(lm_head, real_hidden[without], flat_targets[without])
-    graded = _logprobs(lm_head(real_hidden[with_grad]), flat_targets[with_grad])
+    graded = _graded_logprobs(lm_head, real_hidden[with_grad], flat_targets[with_grad])
     return list(flat.index_put((with_grad,), graded).split(lengths))
+
+
+def _graded_logprobs(lm_head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Target logprobs with a graph; many rows walk the vocabulary in slices (``vocab``), keeping no
+    rows x vocabulary tensor."""
+    if vocab.eligible(lm_head, hidden):
+        return vocab.target_logprobs(hidden, lm_head.weight, targets)
+    return _logprobs(lm_head(hidden), targets)
+
+
+def _agreed_targets(targets: Sequence[torch.Tensor], prefix: int) -> int:
+    """How many of the first ``prefix`` positions have the same target in every row."""
+    first = targets[0][:prefix]
+    differs = torch.zeros(prefix, dtype=torch.bool, device=first.device)
+    for row in targets[1:]:
+        differs |= row[:prefix] != first
+    return int(differs.nonzero()[0]) if bool(differs.any()) else prefix
+
+
+#: The shortest shared prefix worth its own decoder pass: below it, the saving is smaller than the cost
+#: of the extra pass and of copying the prefix's keys and values to every sequence.
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix(inputs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every sequence of the batch has in common, if worth sharing, else 0.
+
+    At least one token of each sequence is left out of the prefix, so every sequence has a part of its
+    own to decode after it.
+    """
+    if len(inputs) < 2:
+        return 0
+    first, limit = inputs[0], min(len(seq) for seq in inputs) - 1
+    length = 0
+    while length < limit and all(seq[length] == first[length] for seq in inputs):
+        length += 1
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def _decode_with_shared_prefix(
+    decoder: Any, inputs: Sequence[Sequence[int]], prefix: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's last hidden states for ``inputs`` whose first ``prefix`` tokens are the same in every
+    row: the prefix's ``(prefix, hidden)``, decoded once (batch 1), and the right-padded remainders'
+    ``(rows, width, hidden)``, decoded at positions ``prefix, prefix + 1, ...`` attending to the prefix's
+    keys and values (repeated for every row)."""
+    batch = len(inputs)
+    head = torch.as_tensor(list(inputs[0][:prefix]), dtype=torch.long, device=device)[None]
+    out = decoder(input_ids=head, use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(batch)
+    rest = _right_padded([seq[prefix:] for seq in inputs]).to(device)
+    positions = torch.arange(prefix, prefix + rest.shape[1], device=device).expand(batch, -1)
+    tail = decoder(input_ids=rest, past_key_values=cache, position_ids=positions, use_cache=True)
+    return out.last_hidden_state[0], tail.last_hidden_state
+
+
+def _right_padded(inputs: Sequence[Sequence[int]]) -> torch.Tensor:
+    width = max(len(seq) for seq in inputs)
+    input_ids = torch.zeros((len(inputs), width), dtype=torch.long)
+    for row, seq in enumerate(inputs):
+        input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+    return input_ids
 
 
 def _logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -69,12 +175,17 @@ def _logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 #: Positions projected onto the vocabulary at once without a graph: bounds the logits' memory
-#: (1024 x 49152 floats is 200 MB) whatever the batch's length.
-PROJECTION_ROWS = 1024
+#: (256 x 49152 floats is 50 MB, twice that with their log-softmax) whatever the batch's length, while
+#: each block is still a large matrix product.
+PROJECTION_ROWS = 256
 
 
 def _projected_logprobs(lm_head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``_logprobs(lm_head(hidden), targets)`` in blocks of rows; only without a graph (no autograd)."""
+    """``_logprobs(lm_head(hidden), targets)`` without a graph: more rows than one block walk the
+    vocabulary in slices (``vocab``: one pass over the projection matrix, where every row block would
+    read all of it again), fewer go in one block; either way no rows x vocabulary tensor is kept."""
+    if vocab.eligible(lm_head, hidden, min_rows=PROJECTION_ROWS + 1):
+        return vocab.target_logprobs(hidden, lm_head.weight, targets)
     return torch.cat(
         [
             _logprobs(

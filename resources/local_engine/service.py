@@ -17,7 +17,13 @@ from kitchen.hashing import hash_file
 from kitchen.home import home_dir
 from resources.futures import EngineFuture, run_now
 from resources.local_engine.checkpoints import PEFT_WEIGHTS_FILE, STATE_MANIFEST, read_sampler
-from resources.local_engine.runtime import EngineRuntime, check_model_dir, resolve_device, resolve_dtype
+from resources.local_engine.runtime import (
+    EngineRuntime,
+    check_model_dir,
+    release_freed_memory,
+    resolve_device,
+    resolve_dtype,
+)
 from resources.local_engine.sampling import LocalSamplingClient, open_sampling_client
 from resources.local_engine.training import LocalTrainingClient, LoraTargets
 from resources.local_engine.uris import path_from_uri, uri_for_path
@@ -145,7 +151,10 @@ class LocalServiceClient:
         return client
 
     def close(self, status: str = "success", detail: str | None = None) -> None:
-        """Nothing to release: clients free their threads when garbage-collected."""
+        """Clients free their threads and tensors when garbage-collected; what they freed is handed back to
+        the operating system here (``release_freed_memory``), so the evaluation that follows a training
+        run does not start from training's high-water mark."""
+        release_freed_memory()
 
     def import_adapter(self, sampler_path: str) -> str:
         """A weights-only training state holding a saved adapter, so training can start from it (a

@@ -44,8 +44,8 @@ from resources.local_engine.losses import Config, LossConfig, LossFn, combine_me
 from resources.local_engine.overlay import lora_sum, snapshot_peft
 from resources.local_engine.runtime import (
     EngineRuntime,
+    base_model_view,
     check_model_dir,
-    load_model,
     load_tokenizer,
     shared_base_model,
     vocab_size,
@@ -581,11 +581,12 @@ def _check_adam(adam: types.AdamParams) -> None:
 
 def _lora_model(base_model: Path, rank: int, seed: int, runtime: EngineRuntime, targets: LoraTargets) -> Any:
     """The base model with LoRA on the linear layers ``targets`` selects, initialised on the CPU under
-    ``seed`` (so the init does not depend on the device), then moved to the engine's device. Base weights
-    are frozen."""
+    ``seed`` (so the init does not depend on the device), on the engine's device. The base weights are
+    the process's shared, frozen ones (``base_model_view``): training adds only the adapter and its
+    optimizer state to memory."""
     from peft import LoraConfig, get_peft_model
 
-    model = load_model(base_model, runtime.dtype)
+    model = base_model_view(base_model, runtime.device, runtime.dtype)
     config = LoraConfig(
         r=rank,
         lora_alpha=LORA_ALPHA,
