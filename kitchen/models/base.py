@@ -19,6 +19,7 @@ from kitchen.hashing import hash_file, hash_tree
 from kitchen.home import home_dir
 from kitchen.locks import home_lock, once
 from kitchen.manifests import BaseModelManifest
+from kitchen.memory import release_freed_memory
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 PACKAGED_ALIASES = {
@@ -109,6 +110,8 @@ def _dequantize_gguf(gguf: Path, target: Path, *, source_hash: str) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         _write_info(staging, model, source=f"gguf:{source_hash}")
+    del model, tokenizer
+    release_freed_memory()  # the dequantized copies: the run that follows would otherwise start above them
 
 
 def _write_info(directory: Path, model: Any, *, source: str) -> None:

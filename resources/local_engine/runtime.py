@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
 import itertools
-import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -137,26 +134,3 @@ def context_window(model: Any) -> int | None:
 
 def vocab_size(model: Any) -> int:
     return int(model.get_input_embeddings().num_embeddings)
-
-
-def release_freed_memory() -> None:
-    """Collect unreachable objects, then return the C heap's free pages to the OS (glibc's
-    ``malloc_trim``). PyTorch's CPU tensors live on that heap, and glibc keeps what a training step freed
-    (a few hundred MB of activations) mapped for reuse; without this a process's resident memory stays at
-    its largest step for good. Elsewhere (no glibc) only the collection runs."""
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _glibc() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _glibc()

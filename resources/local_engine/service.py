@@ -15,12 +15,12 @@ import torch
 
 from kitchen.hashing import hash_file
 from kitchen.home import home_dir
+from kitchen.memory import release_freed_memory
 from resources.futures import EngineFuture, run_now
 from resources.local_engine.checkpoints import PEFT_WEIGHTS_FILE, STATE_MANIFEST, read_sampler
 from resources.local_engine.runtime import (
     EngineRuntime,
     check_model_dir,
-    release_freed_memory,
     resolve_device,
     resolve_dtype,
 )
@@ -152,8 +152,8 @@ class LocalServiceClient:
 
     def close(self, status: str = "success", detail: str | None = None) -> None:
         """Clients free their threads and tensors when garbage-collected; what they freed is handed back to
-        the operating system here (``release_freed_memory``), so the evaluation that follows a training
-        run does not start from training's high-water mark."""
+        the operating system here (``kitchen.memory.release_freed_memory``), so the evaluation that
+        follows a training run does not start from training's high-water mark."""
         release_freed_memory()
 
     def import_adapter(self, sampler_path: str) -> str:
