@@ -24,5 +24,6 @@ def test_freed_tensors_leave_the_resident_set() -> None:
     freed = process.memory_info().rss
     release_freed_memory()
     released = process.memory_info().rss
-    assert freed - released > 200e6, (with_tensors, freed, released)  # the drop is the release's, not the del's
+    # The drop is the release's, not the del's.
+    assert freed - released > 200e6, (with_tensors, freed, released)
     assert keep.sum() == 16
