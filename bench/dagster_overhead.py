@@ -114,15 +114,13 @@ def run_bare(config_values: dict[str, Any], result_path: Path) -> None:
     from kitchen.models.base import resolve_base_model
     from kitchen.training.loop import TrainingSpec, run_training
     from kitchen.workflows import EvalContext, PlanContext
+    from kitchen.workflows.config import section_of
     from kitchen.workflows.supervised import SUPERVISED
     from resources.local_engine import LocalServiceClient
 
     workflow = SUPERVISED
     config = workflow.config(**config_values)
-    sections: dict[str, Any] = {
-        kind: cls(**{name: getattr(config, name) for name in cls.model_fields})
-        for kind, cls in workflow.sections.items()
-    }
+    sections: dict[str, Any] = {kind: section_of(config, cls) for kind, cls in workflow.sections.items()}
     stamps["start"] = time.time()
 
     base_model = resolve_base_model(sections["base_model"].model)

@@ -34,7 +34,7 @@ from kitchen.manifests import (
 from kitchen.registry import eval_gate, promote_version
 from kitchen.training.loop import read_metrics
 from kitchen.workflows import Workflow
-from kitchen.workflows.config import flatten_run_config
+from kitchen.workflows.config import flatten_run_config, section_of
 from kitchen.workflows.sweep import (
     CONFIGURATIONS_TAG,
     Outcome,
@@ -42,7 +42,6 @@ from kitchen.workflows.sweep import (
     best,
     config_from_key,
     rank,
-    section_of,
     shared_differences,
     shared_kinds,
 )

@@ -34,7 +34,7 @@ from kitchen.manifests import (
     read_manifest_file,
 )
 from kitchen.workflows import Workflow, get_workflow
-from kitchen.workflows.config import MISSING_DEFAULT_HINT
+from kitchen.workflows.config import MISSING_DEFAULT_HINT, section_of
 
 # Library chatter that is noise at a terminal; the run's log keeps all of it.
 _QUIET_ENV = {
@@ -116,8 +116,7 @@ def _check_dataset(workflow: Workflow, config: Any, verbose: bool, log_path: Pat
     dequantized: a bad file or an unknown source is one line here, its traceback in the run's log (and on
     the terminal with ``--verbose``). Hub sources are only as expensive as the asset's own load, which then
     reads the Hub cache."""
-    section_type = workflow.sections["dataset"]
-    section = section_type(**{name: getattr(config, name) for name in section_type.model_fields})
+    section = section_of(config, workflow.sections["dataset"])
     source = getattr(section, "dataset", "the dataset")
     try:
         with contextlib.nullcontext() if verbose else quiet_output(log_path):

@@ -236,6 +236,11 @@ def split_run_config(flat: BaseModel, sections: Mapping[str, type[BaseModel]]) -
     return {op: {"config": {name: values[name] for name in cls.model_fields}} for op, cls in sections.items()}
 
 
+def section_of(config: BaseModel, section: type[BaseModel]) -> BaseModel:
+    """The ``section`` of a flat configuration (what one asset of it reads)."""
+    return section(**{name: getattr(config, name) for name in section.model_fields})
+
+
 def flatten_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     """The flat settings of a stored run config, per-op (``ops:``) or already flat, in one dict."""
     ops = run_config.get("ops")

@@ -18,8 +18,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union, get_args, get_origin
 
-from pydantic import BaseModel
-
 from kitchen.workflows.config import RunConfig
 from kitchen.workflows.registry import Workflow
 
@@ -115,11 +113,6 @@ def config_from_key(workflow: Workflow, key: str) -> RunConfig:
             f"(it reads back as {partition_key(workflow, config)!r}); add partitions with `kitchen sweep`"
         )
     return config
-
-
-def section_of(config: RunConfig, section: type[BaseModel]) -> BaseModel:
-    """The ``section`` of a flat configuration (what one asset of it reads)."""
-    return section(**{name: getattr(config, name) for name in section.model_fields})
 
 
 def shared_settings(workflow: Workflow, config: RunConfig) -> dict[str, Any]:
@@ -225,7 +218,6 @@ __all__ = [
     "expand",
     "partition_key",
     "rank",
-    "section_of",
     "shared_differences",
     "shared_kinds",
     "shared_settings",
