@@ -109,8 +109,6 @@ def run_bare(config_values: dict[str, Any], result_path: Path) -> None:
         save_datums,
         tokenizer_fingerprint,
     )
-    from kitchen.hashing import weights_content_hash
-    from kitchen.manifests import CheckpointRef, CheckpointsManifest, WeightsManifest
     from kitchen.models.base import resolve_base_model
     from kitchen.training.loop import TrainingSpec, run_training
     from kitchen.workflows import EvalContext, PlanContext
@@ -157,25 +155,7 @@ def run_bare(config_values: dict[str, Any], result_path: Path) -> None:
         result = run_training(service, spec, plan, run_dir, key="bare", resume=False)
     finally:
         service.close()
-    checkpoints = CheckpointsManifest(
-        checkpoints=[CheckpointRef(step=c.step, path=c.path, kind=c.kind) for c in result.checkpoints],  # type: ignore[arg-type]
-        steps=result.steps,
-        epochs=train.epochs,
-        final_loss=result.final_loss,
-        metrics_path=result.metrics_path,
-        backend="local",
-        run_name=run_dir.name,
-    )
-    weights = WeightsManifest(
-        sampler_path=result.sampler_path,
-        state_path=result.state_path,
-        base_model=spec.base_model,
-        backend="local",
-        lora_rank=spec.lora_rank,
-        steps=result.steps,
-        final_loss=result.final_loss,
-        content_hash=weights_content_hash(result.sampler_path),
-    )
+    checkpoints, weights = result.manifests(spec, backend="local", run_name=run_dir.name, epochs=train.epochs)
     stamps["training"] = time.time()
 
     out_dir = Path(os.environ["KITCHEN_HOME"]) / "reports" / "bare"

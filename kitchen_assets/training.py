@@ -11,9 +11,9 @@ from typing import Any
 
 import dagster as dg
 
-from kitchen.hashing import hash_json, weights_content_hash
+from kitchen.hashing import hash_json
 from kitchen.home import home_dir
-from kitchen.manifests import BaseModelManifest, CheckpointRef, CheckpointsManifest, Manifest, WeightsManifest
+from kitchen.manifests import BaseModelManifest, Manifest
 from kitchen.telemetry.training import CompositeObserver, TelemetryObserver
 from kitchen.training.loop import (
     METRICS_FILE,
@@ -258,26 +258,8 @@ def _outputs(
         ylabel="loss" if result.headline == "loss" else f"loss, {result.headline}",
     )
     tps = [m.tokens_per_second for m in result.metrics if math.isfinite(m.tokens_per_second)]
-    refs = [CheckpointRef(step=c.step, path=c.path, kind=c.kind) for c in result.checkpoints]  # type: ignore[arg-type]
-    checkpoints = CheckpointsManifest(
-        checkpoints=refs,
-        steps=result.steps,
-        epochs=config.epochs,
-        final_loss=result.final_loss,
-        metrics_path=result.metrics_path,
-        backend=backend,
-        run_name=run_dir.name,
-    )
-    weights = WeightsManifest(
-        sampler_path=result.sampler_path,
-        state_path=result.state_path,
-        base_model=spec.base_model,
-        backend=backend,
-        lora_rank=spec.lora_rank,
-        steps=result.steps,
-        final_loss=result.final_loss,
-        content_hash=weights_content_hash(result.sampler_path),
-        hyperparameters=hyper,
+    checkpoints, weights = result.manifests(
+        spec, backend=backend, run_name=run_dir.name, epochs=config.epochs, hyperparameters=hyper
     )
     resumed = result.resumed_from
     yield dg.Output(
@@ -291,7 +273,7 @@ def _outputs(
             "resumed": resumed is not None,
             "resumed_from": f"step {resumed.step}: {resumed.path}" if resumed is not None else "",
             "checkpoint_uris": dg.MetadataValue.md(
-                "\n".join(f"- step {c.step} ({c.kind}): `{c.path}`" for c in refs)
+                "\n".join(f"- step {c.step} ({c.kind}): `{c.path}`" for c in checkpoints.checkpoints)
             ),
             "loss_curve": image_markdown(plot, "training curves"),
             "metrics_jsonl": dg.MetadataValue.path(result.metrics_path),

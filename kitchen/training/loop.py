@@ -39,7 +39,7 @@ from kitchen.training.plan import Policy, StepBatch, TrainingPlan
 from kitchen.training.schedule import LRSchedule, learning_rate_at
 
 if TYPE_CHECKING:
-    from kitchen.manifests import BaseModelManifest
+    from kitchen.manifests import BaseModelManifest, CheckpointsManifest, WeightsManifest
 
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".training.lock"
@@ -141,6 +141,42 @@ class TrainingResult:
     headline: str = "loss"
     resumed_from: Checkpoint | None = None
     metrics_path: str = ""
+
+    def manifests(
+        self,
+        spec: TrainingSpec,
+        *,
+        backend: str,
+        run_name: str,
+        epochs: int,
+        hyperparameters: dict[str, float | int | str] | None = None,
+    ) -> tuple[CheckpointsManifest, WeightsManifest]:
+        """What the train step returns: the checkpoints it wrote and the final weights, hashed."""
+        from kitchen.hashing import weights_content_hash
+        from kitchen.manifests import CheckpointRef, CheckpointsManifest, WeightsManifest
+
+        refs = [CheckpointRef(step=c.step, path=c.path, kind=c.kind) for c in self.checkpoints]  # type: ignore[arg-type]
+        checkpoints = CheckpointsManifest(
+            checkpoints=refs,
+            steps=self.steps,
+            epochs=epochs,
+            final_loss=self.final_loss,
+            metrics_path=self.metrics_path,
+            backend=backend,
+            run_name=run_name,
+        )
+        weights = WeightsManifest(
+            sampler_path=self.sampler_path,
+            state_path=self.state_path,
+            base_model=spec.base_model,
+            backend=backend,
+            lora_rank=spec.lora_rank,
+            steps=self.steps,
+            final_loss=self.final_loss,
+            content_hash=weights_content_hash(self.sampler_path),
+            hyperparameters=hyperparameters or {},
+        )
+        return checkpoints, weights
 
 
 class TrainingObserver(Protocol):
