@@ -168,7 +168,7 @@ def test_greedy_batch_gives_transformers_generate_tokens(
 def test_chosen_tokens_and_their_logprobs_per_row() -> None:
     """Greedy rows take the first maximum, sampled rows draw with their own generator exactly as one row
     alone would, and each logprob is the chosen token's entry of the full ``log_softmax``, bit for bit."""
-    from resources.local_engine.generation import RowParams, StopRule, choose_token, choose_tokens
+    from resources.local_engine.generation import RowParams, StopRule, choose_tokens, sample_token
 
     logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(3)) * 3
     logits[0, 7] = logits[0, 21] = 50.0  # a tie: the first one wins
@@ -182,7 +182,7 @@ def test_chosen_tokens_and_their_logprobs_per_row() -> None:
 
     assert tokens[0] == 7 and tokens[2] == max(range(40), key=lambda v: (logits[2, v].item(), -v))
     for i in (1, 3, 4):
-        assert tokens[i] == choose_token(logits[i], rows[i], torch.Generator().manual_seed(i))
+        assert tokens[i] == sample_token(logits[i], rows[i], torch.Generator().manual_seed(i))
     full = torch.log_softmax(logits, dim=-1)
     assert logprobs == [float(full[i, token]) for i, token in enumerate(tokens)]
 

@@ -91,11 +91,9 @@ def check_sampling_params(params: types.SamplingParams) -> None:
         raise ValueError(f"top_k must be -1 or 0 (off) or positive, got {params.top_k}")
 
 
-def choose_token(logits: torch.Tensor, row: RowParams, generator: torch.Generator) -> int:
-    """Greedy at temperature 0; otherwise sample from the temperature-scaled, top-k/top-p-truncated
-    distribution with the row's own generator."""
-    if row.temperature == 0:
-        return int(torch.argmax(logits))
+def sample_token(logits: torch.Tensor, row: RowParams, generator: torch.Generator) -> int:
+    """A draw from the temperature-scaled (temperature > 0), top-k/top-p-truncated distribution with the
+    row's own generator; greedy rows never come here (``choose_tokens`` takes their argmax on the device)."""
     scaled = logits / row.temperature
     if 0 < row.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, row.top_k).values[-1]
@@ -202,7 +200,7 @@ def choose_tokens(
 ) -> tuple[list[int], list[float]]:
     """Each row's next token and its logprob under the model (temperature 1, untruncated).
 
-    Greedy rows: ``argmax`` over the batch at once (the first maximum, as ``choose_token`` takes).
+    Greedy rows: ``argmax`` over the batch at once (the first maximum); sampled rows: ``sample_token``.
     The logprob is ``log_softmax(logits)[token]``, gathered on the device: the same kernel on the same
     logits as training's ``cross_entropy``, so the values are bit-identical to a full ``log_softmax``.
     """
@@ -211,7 +209,7 @@ def choose_tokens(
     sampled = [i for i, row in enumerate(rows) if row.temperature != 0]
     if sampled:
         host = logits[sampled].cpu()
-        picks = [choose_token(host[j], rows[i], generators[i]) for j, i in enumerate(sampled)]
+        picks = [sample_token(host[j], rows[i], generators[i]) for j, i in enumerate(sampled)]
         chosen[sampled] = torch.tensor(picks, dtype=chosen.dtype, device=chosen.device)
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, chosen[:, None])[:, 0]
     return chosen.tolist(), logprobs.tolist()
