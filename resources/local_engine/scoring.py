@@ -183,7 +183,8 @@ PROJECTION_ROWS = 256
 def _projected_logprobs(lm_head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``_logprobs(lm_head(hidden), targets)`` without a graph: more rows than one block walk the
     vocabulary in slices (``vocab``: one pass over the projection matrix, where every row block would
-    read all of it again), fewer go in one block; either way no rows x vocabulary tensor is kept."""
+    read all of it again); fewer, or a projection ``vocab`` does not take, go in row blocks. Either way no
+    rows x vocabulary tensor is kept."""
     if vocab.eligible(lm_head, hidden, min_rows=PROJECTION_ROWS + 1):
         return vocab.target_logprobs(hidden, lm_head.weight, targets)
     return torch.cat(

@@ -18,12 +18,7 @@ from kitchen.home import home_dir
 from kitchen.memory import release_freed_memory
 from resources.futures import EngineFuture, run_now
 from resources.local_engine.checkpoints import PEFT_WEIGHTS_FILE, STATE_MANIFEST, read_sampler
-from resources.local_engine.runtime import (
-    EngineRuntime,
-    check_model_dir,
-    resolve_device,
-    resolve_dtype,
-)
+from resources.local_engine.runtime import EngineRuntime, check_model_dir, resolve_device, resolve_dtype
 from resources.local_engine.sampling import LocalSamplingClient, open_sampling_client
 from resources.local_engine.training import LocalTrainingClient, LoraTargets
 from resources.local_engine.uris import path_from_uri, uri_for_path
