@@ -1,6 +1,11 @@
 """Kitchen's sampler against ``transformers``' ``generate``: same model, prompts, lengths, greedy.
 
     python bench/sampling_vs_generate.py [--max-new-tokens 64] [--batch 32] [--repeats 2] [--threads N]
+                                         [--device cpu] [--dtype float32] [--base DIR]
+
+On a GPU: ``--device cuda`` (``--dtype bfloat16`` is the engine's CUDA default; greedy outputs can then
+part from ``generate``'s where two tokens tie after rounding). ``--base DIR``: any local checkpoint
+instead of the packaged model.
 
 Every contender generates greedily (temperature 0) from the same prompts with the same model (the packaged
 SmolLM2-135M-Instruct, fp32, one torch thread setting), at most ``--max-new-tokens`` new tokens per row, and
@@ -95,7 +100,7 @@ def until_eos(tokens: Sequence[int], eos: frozenset[int]) -> list[int]:
 
 
 def run_generate(model: Any, rows: list[list[int]], max_new: int, eos: frozenset[int], pad: int) -> Outputs:
-    """``transformers``' ``generate`` on one left-padded batch."""
+    """``transformers``' ``generate`` on one left-padded batch, on the model's device."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -104,8 +109,8 @@ def run_generate(model: Any, rows: list[list[int]], max_new: int, eos: frozenset
         mask[i, width - len(row) :] = 1
     with torch.inference_mode():
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
             do_sample=False,
             max_new_tokens=max_new,
             eos_token_id=sorted(eos),
@@ -178,7 +183,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each contender (best taken)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--skip-batch-1", action="store_true", help="time only the batched runs")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--base", default=None, help="a local checkpoint (default: the packaged model)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here")
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -186,25 +197,33 @@ def main() -> None:
 
     from kitchen.models.base import DEFAULT_MODEL, resolve_base_model
     from resources.local_engine import LocalServiceClient
-    from resources.local_engine.runtime import load_model
+    from resources.local_engine.runtime import check_model_dir, load_model
 
-    base_dir = Path(resolve_base_model(DEFAULT_MODEL).backend_model)
+    if args.base is None:
+        base_dir, name = Path(resolve_base_model(DEFAULT_MODEL).backend_model), DEFAULT_MODEL
+    else:
+        base_dir, name = check_model_dir(args.base), args.base
     with tempfile.TemporaryDirectory() as root:
-        client = LocalServiceClient(root=Path(root), dtype="float32").create_sampling_client(
-            base_model=str(base_dir)
-        )
+        client = LocalServiceClient(
+            root=Path(root), device=args.device, dtype=args.dtype
+        ).create_sampling_client(base_model=str(base_dir))
         sampler = client.result()
         tokenizer = sampler.get_tokenizer()
         eos, pad = sampler._eos_ids, sampler._pad_id
-        model = load_model(base_dir, torch.float32)
-        model.eval()
+        model = load_model(base_dir, getattr(torch, args.dtype))
+        model.to(device).eval()
         rows = prompts(tokenizer, args.batch, args.long)
         load = (float("nan"),) * 3
         with contextlib.suppress(OSError):
             load = os.getloadavg()
         lengths = sorted(len(r) for r in rows)
+        where = (
+            f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs"
+            if device.type == "cpu"
+            else torch.cuda.get_device_name(device)
+        )
         print(
-            f"# {DEFAULT_MODEL}, fp32, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
+            f"# {name}, {args.dtype}, {where}, "
             f"greedy, max_new_tokens {args.max_new_tokens}, {len(rows)} prompts of {lengths[0]} to "
             f"{lengths[-1]} tokens ({args.long} open questions), load average {load[0]:.2f} {load[1]:.2f} "
             f"{load[2]:.2f} at start, torch {torch.__version__}"

@@ -1,8 +1,14 @@
 """The local engine, TRL's ``SFTTrainer`` and a plain PEFT loop, side by side in one process.
 
     python bench/vs_trl.py [--steps 8] [--warmup 2] [--long-steps 3] [--threads N] [--lr 2e-4] [--skip-trl]
+                           [--device cpu] [--dtype float32] [--base DIR] [--long-shape 8x256]
 
 Needs the ``bench`` extra (``pip install -e '.[bench]'``: TRL); ``--skip-trl`` runs without it.
+
+On a GPU: ``--device cuda --dtype bfloat16`` (the engine's CUDA default: a bfloat16 base under float32
+LoRA weights, which PEFT keeps too); the peak is then the bfloat16 rate of an 8192^3 product on that
+device. ``--base DIR`` benchmarks any local Hugging Face checkpoint instead of the packaged model (a user's
+own 1B to 8B model, or one initialised at random from a config where the package is absent).
 
 Every contender trains the same thing: the packaged SmolLM2-135M-Instruct with LoRA rank 32 (alpha 32) on
 every linear layer but the unembedding, initialised under the same seed (so all start from identical
@@ -122,12 +128,27 @@ def random_batches(vocab: int, batch: int, length: int, steps: int) -> Batches:
 # -- the contenders -------------------------------------------------------------------------------
 
 
-def run_engine(base_dir: Path, batches: Batches, lr: float) -> Result:
+@dataclass(frozen=True)
+class Target:
+    """Where and in what precision every contender runs."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    def sync(self) -> None:
+        """Wait for queued device work, so a step's clock stops when its work is done."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def run_engine(base_dir: Path, batches: Batches, lr: float, target: Target) -> Result:
     """The local engine through its public client, as the training loop drives it."""
     from resources.local_engine import LocalServiceClient
 
     with tempfile.TemporaryDirectory() as root:
-        service = LocalServiceClient(root=Path(root))
+        service = LocalServiceClient(
+            root=Path(root), device=str(target.device), dtype=str(target.dtype).removeprefix("torch.")
+        )
         client = service.create_lora_training_client(str(base_dir), rank=RANK, seed=SEED).result()
         adam = types.AdamParams(
             learning_rate=lr, beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=0.0, grad_clip_norm=CLIP
@@ -140,6 +161,7 @@ def run_engine(base_dir: Path, batches: Batches, lr: float) -> Result:
             step = client.optim_step(adam)
             out = fb.result()
             step.result()
+            target.sync()
             times.append(time.perf_counter() - start)
             losses.append(float(out.metrics["loss:sum"]))
     return Result("Kitchen local engine", times, losses)
@@ -155,12 +177,14 @@ def _datum(seq: Sequence_, weight: float) -> types.Datum:
     )
 
 
-def _peft_model(base_dir: Path) -> Any:
-    """The engine's LoRA: same layers, rank, alpha, and initialisation seed."""
+def _peft_model(base_dir: Path, target: Target) -> Any:
+    """The engine's LoRA: same layers, rank, alpha, and initialisation seed (PEFT keeps the adapters in
+    float32 over a bfloat16 base, as the engine does)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=target.dtype)
+    model.to(target.device)
     config = LoraConfig(
         r=RANK,
         lora_alpha=ALPHA,
@@ -191,27 +215,29 @@ def _padded(batch: Sequence[Sequence_], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def run_peft(base_dir: Path, batches: Batches, lr: float, pad_id: int) -> Result:
+def run_peft(base_dir: Path, batches: Batches, lr: float, pad_id: int, target: Target) -> Result:
     """What one writes by hand: a padded batch with an attention mask, the model's own loss, AdamW over the
     LoRA parameters."""
-    model = _peft_model(base_dir)
+    model = _peft_model(base_dir, target)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0)
     times, losses = [], []
     for batch in batches:
         start = time.perf_counter()
-        loss = model(**_padded(batch, pad_id)).loss
+        inputs = {key: value.to(target.device) for key, value in _padded(batch, pad_id).items()}
+        loss = model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        target.sync()
         times.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
     return Result("plain PEFT loop", times, losses)
 
 
 def run_trl(
-    base_dir: Path, batches: Batches, lr: float, tokenizer: Any, gradient_checkpointing: bool
+    base_dir: Path, batches: Batches, lr: float, tokenizer: Any, gradient_checkpointing: bool, target: Target
 ) -> Result:
     """``SFTTrainer`` on the same pre-tokenised rows (``input_ids``/``labels``), in order."""
     from datasets import Dataset
@@ -248,18 +274,18 @@ def run_trl(
             adam_epsilon=EPS,
             max_grad_norm=CLIP,
             train_sampling_strategy="sequential",
-            bf16=False,
+            bf16=target.dtype == torch.bfloat16,
             gradient_checkpointing=gradient_checkpointing,
             logging_steps=1,
             save_strategy="no",
             report_to="none",
-            use_cpu=True,
+            use_cpu=target.device.type == "cpu",
             seed=SEED,
             dataloader_num_workers=0,
             disable_tqdm=True,
         )
         trainer = SFTTrainer(
-            model=_peft_model(base_dir),
+            model=_peft_model(base_dir, target),
             args=config,
             train_dataset=dataset,
             processing_class=tokenizer,
@@ -276,14 +302,27 @@ def run_trl(
 # -- measurement ----------------------------------------------------------------------------------
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """The best fp32 rate of a ``size``^3 matmul on this process's threads (what the hardware gives now)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def count_parameters(base_dir: Path) -> int:
+    """The checkpoint's parameter count, from its config alone (the model is built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base_dir)))
+    return sum(p.numel() for p in model.parameters())
+
+
+def matmul_gflops(target: Target, repeats: int = 5) -> float:
+    """The best rate of a square matmul in the target's dtype on its device (this process's threads on a
+    CPU): what the hardware gives now. 2048^3 on a CPU, 8192^3 on a GPU (large enough to fill it)."""
+    size = 2048 if target.device.type == "cpu" else 8192
+    a, b = (torch.randn(size, size, device=target.device, dtype=target.dtype) for _ in range(2))
     torch.mm(a, b)
+    target.sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         torch.mm(a, b)
+        target.sync()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
 
@@ -294,8 +333,9 @@ def run_workload(
     warmup: int,
     contenders: Sequence[tuple[str, Callable[[Batches], Result]]],
     params: int,
+    target: Target,
 ) -> None:
-    peak = matmul_gflops()
+    peak = matmul_gflops(target)
     tokens = [sum(len(s.tokens) for s in batch) for batch in batches]
     timed_tokens = sum(tokens[warmup:])
     results = []
@@ -306,7 +346,7 @@ def run_workload(
                 f"{result.name}: timed {len(result.step_seconds)} steps, expected {len(batches)}"
             )
         results.append(result)
-    peak = max(peak, matmul_gflops())
+    peak = max(peak, matmul_gflops(target))
     shapes = sorted({(len(b), max(len(s.tokens) for s in b)) for b in batches})
     trained = sum(sum(s.loss_mask) for b in batches for s in b) / sum(tokens)
     print(
@@ -315,7 +355,9 @@ def run_workload(
         f"{sum(tokens) / sum(len(b) for b in batches):.1f} tokens per sequence on average "
         f"(longest {max(w for _, w in shapes)}), {trained:.0%} of tokens carry loss"
     )
-    print(f"fp32 matmul peak (2048^3, best of 5, before and after): {peak:.0f} GFLOPS")
+    size = 2048 if target.device.type == "cpu" else 8192
+    precision = str(target.dtype).removeprefix("torch.")
+    print(f"{precision} matmul peak ({size}^3, best of 5, before and after): {peak:.0f} GFLOPS")
     baseline = next((r for r in results if r.name == "TRL SFTTrainer"), None)
     columns = ("tokens/s", 9), ("s/step", 7), ("vs TRL", 7), ("% of peak", 9), ("final loss", 10)
     header = f"| {'contender':<30} | " + " | ".join(f"{name:>{width}}" for name, width in columns) + " |"
@@ -347,7 +389,19 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--skip-trl", action="store_true", help="run without TRL (the bench extra)")
     parser.add_argument("--only", default=None, help="comma-separated contenders: engine,peft,trl,trl-nockpt")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--base", default=None, help="a local checkpoint (default: the packaged model)")
+    parser.add_argument("--long-shape", default="8x256", help="sequences x tokens of the long workload")
     args = parser.parse_args()
+    try:
+        long_rows, long_length = (int(v) for v in args.long_shape.lower().split("x"))
+    except ValueError:
+        parser.error(f"--long-shape must look like 8x256, got {args.long_shape!r}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here")
+    target = Target(device, getattr(torch, args.dtype))
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -359,29 +413,36 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from kitchen.models.base import DEFAULT_MODEL, resolve_base_model
-    from resources.local_engine.runtime import load_tokenizer
+    from resources.local_engine.runtime import check_model_dir, load_tokenizer
 
-    base = resolve_base_model(DEFAULT_MODEL)
-    base_dir = Path(base.backend_model)
+    if args.base is None:
+        base = resolve_base_model(DEFAULT_MODEL)
+        base_dir, name, params = Path(base.backend_model), DEFAULT_MODEL, int(base.num_parameters or 0)
+    else:
+        base_dir, name = check_model_dir(args.base), args.base
+        params = count_parameters(base_dir)
     tokenizer = load_tokenizer(base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    params = int(base.num_parameters or 0)
     with contextlib.suppress(OSError):
         load = os.getloadavg()
+    where = (
+        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs"
+        if device.type == "cpu"
+        else torch.cuda.get_device_name(device)
+    )
     print(
-        f"# {DEFAULT_MODEL} ({params / 1e6:.1f}M params), LoRA rank {RANK} all linear layers, fp32, "
-        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, load average "
-        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start, torch {torch.__version__}"
+        f"# {name} ({params / 1e6:.1f}M params), LoRA rank {RANK} all linear layers, {args.dtype}, {where}, "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start, torch {torch.__version__}"
     )
 
     contenders: list[tuple[str, Callable[[Batches], Result]]] = [
-        ("engine", lambda b: run_engine(base_dir, b, args.lr)),
-        ("peft", lambda b: run_peft(base_dir, b, args.lr, pad_id)),
+        ("engine", lambda b: run_engine(base_dir, b, args.lr, target)),
+        ("peft", lambda b: run_peft(base_dir, b, args.lr, pad_id, target)),
     ]
     if not args.skip_trl:
         contenders += [
-            ("trl", lambda b: run_trl(base_dir, b, args.lr, tokenizer, gradient_checkpointing=True)),
-            ("trl-nockpt", lambda b: run_trl(base_dir, b, args.lr, tokenizer, gradient_checkpointing=False)),
+            ("trl", lambda b: run_trl(base_dir, b, args.lr, tokenizer, True, target)),
+            ("trl-nockpt", lambda b: run_trl(base_dir, b, args.lr, tokenizer, False, target)),
         ]
     if args.only:
         wanted = set(args.only.split(","))
@@ -394,14 +455,16 @@ def main() -> None:
         args.warmup,
         contenders,
         params,
+        target,
     )
     if args.long_steps > 0:
         run_workload(
-            "long fully-weighted sequences (8 x 256 random tokens)",
-            random_batches(len(tokenizer), 8, 256, 1 + args.long_steps),
+            f"long fully-weighted sequences ({long_rows} x {long_length} random tokens)",
+            random_batches(len(tokenizer), long_rows, long_length, 1 + args.long_steps),
             1,
             contenders,
             params,
+            target,
         )
     with contextlib.suppress(OSError):
         load = os.getloadavg()

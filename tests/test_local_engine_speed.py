@@ -110,14 +110,18 @@ def test_samples_of_one_prompt_share_a_prefill_and_keep_their_own_tokens(
             )
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
+)
 @pytest.mark.parametrize("reserve", [None, 1], ids=["default-reserve", "cache-grows-every-step"])
 def test_greedy_batch_gives_transformers_generate_tokens(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, reserve: int | None
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, reserve: int | None, device: str
 ) -> None:
     """One left-padded batch of prompts of different lengths whose rows stop at different steps (so
     finished rows leave the batch and its cache mid-generation): every row's greedy tokens are
-    ``transformers.generate``'s for that prompt, cut at the row's ``max_tokens``. With a reserve of one
-    position the reserved cache also grows at every step."""
+    ``transformers.generate``'s for that prompt, cut at the row's ``max_tokens``, on each device. With a
+    reserve of one position the reserved cache also grows at every step."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from resources.local_engine import kv_cache
@@ -126,7 +130,7 @@ def test_greedy_batch_gives_transformers_generate_tokens(
     if reserve is not None:
         monkeypatch.setattr(kv_cache, "RESERVE_BLOCK", reserve)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).to(device).eval()
     texts = ["what is", "hello world the cat sat on mat", "1 + 2 =", "the", "you are a helpful assistant"]
     prompts = [tokenizer.encode(text) for text in texts]
     limits = [2, 9, 5, 12, 1]
@@ -137,15 +141,15 @@ def test_greedy_batch_gives_transformers_generate_tokens(
         )
         for p, m in zip(prompts, limits, strict=True)
     ]
-    got = generate(model, tokenizer, rows, torch.device("cpu"), tokenizer.pad_token_id)
+    got = generate(model, tokenizer, rows, torch.device(device), tokenizer.pad_token_id)
 
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.inference_mode():
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             do_sample=False,
             max_new_tokens=max(limits),
             eos_token_id=sorted(eos),
@@ -153,7 +157,7 @@ def test_greedy_batch_gives_transformers_generate_tokens(
             output_logits=True,
             return_dict_in_generate=True,
         )
-    logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
+    logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1).cpu()
     for i, (limit, result) in enumerate(zip(limits, got, strict=True)):
         expected = out.sequences[i, width:].tolist()[:limit]
         if tokenizer.eos_token_id in expected:
