@@ -2,6 +2,7 @@
 
     python bench/vs_trl.py [--steps 8] [--warmup 2] [--long-steps 3] [--threads N] [--lr 2e-4] [--skip-trl]
                            [--device cpu] [--dtype float32] [--base DIR] [--long-shape 8x256]
+                           [--max-batch-tokens 8192]
 
 Needs the ``bench`` extra (``pip install -e '.[bench]'``: TRL); ``--skip-trl`` runs without it.
 
@@ -141,13 +142,16 @@ class Target:
             torch.cuda.synchronize(self.device)
 
 
-def run_engine(base_dir: Path, batches: Batches, lr: float, target: Target) -> Result:
+def run_engine(base_dir: Path, batches: Batches, lr: float, target: Target, max_batch_tokens: int) -> Result:
     """The local engine through its public client, as the training loop drives it."""
     from resources.local_engine import LocalServiceClient
 
     with tempfile.TemporaryDirectory() as root:
         service = LocalServiceClient(
-            root=Path(root), device=str(target.device), dtype=str(target.dtype).removeprefix("torch.")
+            root=Path(root),
+            device=str(target.device),
+            dtype=str(target.dtype).removeprefix("torch."),
+            max_batch_tokens=max_batch_tokens,
         )
         client = service.create_lora_training_client(str(base_dir), rank=RANK, seed=SEED).result()
         adam = types.AdamParams(
@@ -393,6 +397,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--base", default=None, help="a local checkpoint (default: the packaged model)")
     parser.add_argument("--long-shape", default="8x256", help="sequences x tokens of the long workload")
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=8192,
+        help="the engine's micro-batch budget (its default: 8192)",
+    )
     args = parser.parse_args()
     try:
         long_rows, long_length = (int(v) for v in args.long_shape.lower().split("x"))
@@ -436,7 +446,7 @@ def main() -> None:
     )
 
     contenders: list[tuple[str, Callable[[Batches], Result]]] = [
-        ("engine", lambda b: run_engine(base_dir, b, args.lr, target)),
+        ("engine", lambda b: run_engine(base_dir, b, args.lr, target, args.max_batch_tokens)),
         ("peft", lambda b: run_peft(base_dir, b, args.lr, pad_id, target)),
     ]
     if not args.skip_trl:

@@ -50,7 +50,12 @@ class LocalBackend(TrainingBackend):
     """Kitchen's own PyTorch + PEFT engine: laptops, CI and single GPUs."""
 
     device: str = "auto"
+    dtype: str = "auto"
+    """``auto``: float32 on a CPU, bfloat16 (under float32 LoRA weights) on a GPU."""
     num_threads: int | None = None
+    max_batch_tokens: int = 8192
+    """Tokens per forward/backward pass; larger batches run in micro-batches whose gradients add up. Bounds
+    activation memory; on a GPU with memory to spare, a budget that holds the whole batch is faster."""
     root: str | None = None
 
     @property
@@ -66,7 +71,11 @@ class LocalBackend(TrainingBackend):
         from resources.local_engine import LocalServiceClient
 
         return LocalServiceClient(
-            root=Path(self.root) if self.root else None, device=self.device, num_threads=self.num_threads
+            root=Path(self.root) if self.root else None,
+            device=self.device,
+            dtype=self.dtype,
+            num_threads=self.num_threads,
+            max_batch_tokens=self.max_batch_tokens,
         )
 
     def starting_state(self, sampler_path: str, state_path: str | None, base_model: BaseModelManifest) -> str:

@@ -47,7 +47,7 @@ $python -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     "tests/test_local_engine_speed.py::test_greedy_batch_gives_transformers_generate_tokens" \
     2>&1 | tee "$out/tests.txt" || status=1
 
-$python bench/vs_trl.py --skip-trl --device cuda --dtype bfloat16 --long-shape 16x1024 "${base[@]}" \
+$python bench/vs_trl.py --skip-trl --device cuda --dtype bfloat16 --long-shape 16x1024 --max-batch-tokens 16400 "${base[@]}" \
     2>&1 | grep -v -i warn | tee "$out/train_bf16.txt"
 $python bench/vs_trl.py --skip-trl --device cuda --dtype float32 "${base[@]}" \
     2>&1 | grep -v -i warn | tee "$out/train_fp32.txt"

@@ -54,11 +54,13 @@ def _service(tmp_path: Path, device: str, dtype: str = "float32") -> LocalServic
     return LocalServiceClient(root=tmp_path / f"{device}-{dtype}", device=device, dtype=dtype)
 
 
-def _trajectory(client: Any, data: list[types.Datum], loss: str, steps: int) -> tuple[list[float], list[Any]]:
+def _trajectory(
+    client: Any, data: list[types.Datum], loss: str, steps: int, adam: types.AdamParams = ADAM
+) -> tuple[list[float], list[Any]]:
     losses, logprobs = [], []
     for _ in range(steps):
         out = client.forward_backward(data, loss, CONFIGS.get(loss)).result()
-        client.optim_step(ADAM).result()
+        client.optim_step(adam).result()
         losses.append(out.metrics["loss:sum"])
         logprobs = [o["logprobs"].to_torch() for o in out.loss_fn_outputs]
     return losses, logprobs
@@ -189,21 +191,24 @@ def test_bfloat16_is_the_cuda_default_and_tracks_float32(tmp_path: Path, tiny_mo
         _datum(head + list(p) * 5, "cross_entropy", 0)
         for head, p in zip(_rows(6, 4, 10), patterns, strict=True)
     ]
-    reference = _service(tmp_path, "cpu").create_lora_training_client(str(tiny_model_dir), rank=4, seed=1)
-    want, _ = _trajectory(reference.result(), data, "cross_entropy", steps=12)
-    assert sum(want[-4:]) < 0.97 * sum(want[:4])  # the tiny model's frozen head caps the fall
+    # A learning rate low enough for a smooth descent: at a high one the trajectory is chaotic, and any
+    # rounding difference grows from step to step.
+    adam = types.AdamParams(learning_rate=5e-3)
+    reference = _service(tmp_path, "cpu").create_lora_training_client(str(tiny_model_dir), rank=16, seed=1)
+    want, _ = _trajectory(reference.result(), data, "cross_entropy", steps=12, adam=adam)
+    assert sum(want[-4:]) < 0.95 * sum(want[:4])
 
     service = LocalServiceClient(root=tmp_path / "auto", device="cuda")
     assert service.runtime.dtype == torch.bfloat16
-    client = service.create_lora_training_client(str(tiny_model_dir), rank=4, seed=1).result()
+    client = service.create_lora_training_client(str(tiny_model_dir), rank=16, seed=1).result()
     trainable = [p for _, p in client._params]
     assert trainable and all(p.dtype == torch.float32 and p.device.type == "cuda" for p in trainable)
     frozen = [p for p in client.peft_model.parameters() if not p.requires_grad]
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
-    losses, _ = _trajectory(client, data, "cross_entropy", steps=12)
+    losses, _ = _trajectory(client, data, "cross_entropy", steps=12, adam=adam)
     assert losses[0] == pytest.approx(want[0], rel=1e-2)
     assert losses == pytest.approx(want, rel=5e-2)
-    assert sum(losses[-4:]) < 0.97 * sum(losses[:4])
+    assert sum(losses[-4:]) < 0.95 * sum(losses[:4])
 
     sampler = client.save_weights_and_get_sampling_client("bf16").result()
     prompt = data[0].model_input.to_ints()[:12]

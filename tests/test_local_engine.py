@@ -771,3 +771,20 @@ def test_overlay_mirrors_peft_under_a_bfloat16_base(
         assert float((scores[0] - trained).abs().mean()) <= 1e-2
         assert float((scores[1] - trained).abs().mean()) <= 1e-2
         assert float((scores[2] - trained).abs().mean()) > 5e-2
+
+
+def test_the_dagster_resource_passes_its_engine_settings_through(tmp_path: Path) -> None:
+    """A GPU user sets precision and the micro-batch budget on the resource, as in Dagster config."""
+    from resources.training import LocalBackend
+
+    runtime = (
+        LocalBackend(device="cpu", dtype="bfloat16", max_batch_tokens=1024, root=str(tmp_path))
+        .service_client()
+        .runtime
+    )
+    assert (runtime.dtype, runtime.max_batch_tokens, runtime.device.type) == (torch.bfloat16, 1024, "cpu")
+    assert LocalBackend(root=str(tmp_path)).service_client().runtime.max_batch_tokens == 8192
+    with pytest.raises(ValueError, match="max_batch_tokens must be >= 1"):
+        LocalBackend(max_batch_tokens=0, root=str(tmp_path)).service_client()
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        LocalBackend(dtype="fp8", root=str(tmp_path)).service_client()

@@ -40,8 +40,10 @@ class LossOutput:
     """Scalar summed over the datums given; ``backward`` is called on it."""
     outputs: list[dict[str, torch.Tensor]]
     """Per datum, detached: becomes ``ForwardBackwardOutput.loss_fn_outputs``."""
-    metrics: dict[str, float]
-    """Named ``<metric>:<reduction>`` as Tinker does, so micro-batch parts can be combined."""
+    metrics: dict[str, torch.Tensor]
+    """Named ``<metric>:<reduction>`` as Tinker does, so micro-batch parts can be combined. Scalar
+    tensors, read only after the backward pass: reading one earlier would make the host wait for the
+    device's forward before it could queue the backward (on a GPU, the two then no longer overlap)."""
 
 
 LossCompute = Callable[
@@ -113,7 +115,7 @@ def _summed(per_token: PerToken) -> LossCompute:
         return LossOutput(
             loss=total,
             outputs=[{"logprobs": lp.detach()} for lp in logprobs],
-            metrics={"loss:sum": float(total.detach())},
+            metrics={"loss:sum": total.detach()},
         )
 
     return compute

@@ -372,6 +372,11 @@ class LocalTrainingClient:
         for chunk in token_budget_chunks([len(d.tokens) for d in datums], self._runtime.max_batch_tokens):
             part = [datums[i] for i in chunk]
             grad_positions = [loss.grad_positions(d.inputs) for d in part]
+            # Queued ahead of the forward: a copy to the device from the host is asynchronous then, where
+            # one queued after it would wait for the forward to finish.
+            inputs = [
+                {key: value.to(device, non_blocking=True) for key, value in d.inputs.items()} for d in part
+            ]
             with torch.set_grad_enabled(backward):
                 logprobs = target_logprobs(
                     self._model,
@@ -380,12 +385,11 @@ class LocalTrainingClient:
                     device,
                     None if any(g is None for g in grad_positions) else grad_positions,  # type: ignore[arg-type]
                 )
-                inputs = [{key: value.to(device) for key, value in d.inputs.items()} for d in part]
                 result = loss.compute(logprobs, inputs, config, self._generator)
                 if backward:
                     result.loss.backward()
             outputs.extend(result.outputs)
-            metrics.append(result.metrics)
+            metrics.append({key: float(value) for key, value in result.metrics.items()})
         return types.ForwardBackwardOutput(
             loss_fn_output_type="ArrayRecord",
             loss_fn_outputs=[

@@ -27,9 +27,13 @@ MIN_ROWS = 512
 
 
 def eligible(lm_head: Any, hidden: torch.Tensor, min_rows: int = MIN_ROWS) -> bool:
-    """A plain, frozen, bias-free float32 projection and enough rows for slicing to pay."""
+    """A plain, frozen, bias-free float32 projection on the CPU and enough rows for slicing to pay. The
+    slices are sized for a CPU's cache; on a GPU the fused ``cross_entropy`` over the whole logits is the
+    faster path (the slice loop's small kernels and per-slice index lookups cost more than the memory
+    passes they save)."""
     return (
-        type(lm_head) is torch.nn.Linear
+        hidden.device.type == "cpu"
+        and type(lm_head) is torch.nn.Linear
         and lm_head.bias is None
         and not lm_head.weight.requires_grad
         and lm_head.weight.dtype == torch.float32
