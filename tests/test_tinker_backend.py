@@ -168,7 +168,11 @@ def test_probe_lists_models_and_sends_the_key(fake_tinker: FakeTinker) -> None:
     backend = TinkerBackend(api_key=CANARY, base_url=fake_tinker.url, probe_timeout_s=10)
     backend.preflight()
     assert [m.name for m in backend.offered_models()] == [m["model_name"] for m in MODELS]
-    # The SDK sends the key; the plain reachability request does not.
+    # The SDK sends the key; the plain reachability request does not. That request races the SDK's in a
+    # thread of its own and may reach the server after the probe has its answer: wait for it.
+    deadline = time.monotonic() + 5
+    while "" not in fake_tinker.keys and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert set(fake_tinker.keys) == {CANARY, ""}
     calls = len(fake_tinker.keys)
     backend.resolve_base_model("Qwen/Qwen3-8B")
