@@ -123,10 +123,10 @@ def normalize_row(row: Mapping[str, Any], schema: str) -> NormalizedRow:
     """Convert one row of ``schema`` to ``{"messages", "answer"}``; raises ``RowSkipped`` for bad rows."""
     answer: Any = None
     if schema == "messages":
-        messages = _message_list(row.get("messages"), role_key="role", content_key="content")
+        messages = message_list(row.get("messages"))
         answer = row.get("answer")
     elif schema == "conversations":
-        messages = _message_list(row.get("conversations"), role_key="from", content_key="value")
+        messages = message_list(row.get("conversations"), role_key="from", content_key="value")
     elif schema == "prompt/completion":
         prompt, completion = row.get("prompt"), row.get("completion")
         messages = _turns(prompt, default_role="user") + _turns(completion, default_role="assistant")
@@ -193,7 +193,16 @@ def _msg(role: str, content: str) -> Message:
     return {"role": role, "content": content}
 
 
-def _message_list(value: Any, *, role_key: str, content_key: str) -> list[Message]:
+def message_list(
+    value: Any,
+    *,
+    role_key: str = "role",
+    content_key: str = "content",
+    text: Callable[[Any], str] = message_text,
+) -> list[Message]:
+    """A list of chat messages normalised to ``{"role", "content"}`` (ShareGPT's ``from``/``value`` and
+    its role names when ``role_key`` is ``"from"``), each content through ``text``; ``RowSkipped`` naming
+    what is wrong otherwise."""
     if value is None:
         raise RowSkipped("missing_field")
     if not isinstance(value, list) or not all(isinstance(m, Mapping) for m in value):
@@ -206,14 +215,14 @@ def _message_list(value: Any, *, role_key: str, content_key: str) -> list[Messag
         role = _SHAREGPT_ROLES.get(str(raw_role).lower()) if role_key == "from" else raw_role
         if role not in _ROLES:
             raise RowSkipped("unknown_role")
-        messages.append(_msg(role, message_text(m.get(content_key, m.get("content")))))
+        messages.append(_msg(role, text(m.get(content_key, m.get("content")))))
     return messages
 
 
 def _turns(value: Any, *, default_role: str) -> list[Message]:
     """A TRL prompt/completion field: either plain text or a list of messages."""
     if isinstance(value, list) and value and all(isinstance(m, Mapping) and "role" in m for m in value):
-        return _message_list(value, role_key="role", content_key="content")
+        return message_list(value)
     return [_msg(default_role, message_text(value, numbers=True))]
 
 

@@ -30,7 +30,14 @@ from typing import Any
 from datasets import Features, List, Value
 
 from kitchen.data.formats import TEST_SPLIT_NAMES, RowFormat
-from kitchen.data.schemas import NormalizedRow, RowSkipped, describe_schemas, message_text, normalize_row
+from kitchen.data.schemas import (
+    NormalizedRow,
+    RowSkipped,
+    describe_schemas,
+    message_list,
+    message_text,
+    normalize_row,
+)
 
 Message = dict[str, str]
 
@@ -50,7 +57,6 @@ PREFERENCE_SCHEMAS: dict[str, tuple[str, ...]] = {
     "chosen/rejected": ("chosen", "rejected"),
 }
 
-_ROLES = {"system", "user", "assistant"}
 # Anthropic's transcripts: "\n\nHuman: ...\n\nAssistant: ..." (the first marker may open the text).
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 _TRANSCRIPT_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -166,19 +172,7 @@ def _checked(turn: Message) -> Message:
 
 
 def _messages(value: Any) -> list[Message]:
-    if value is None:
-        raise RowSkipped("missing_field")
-    if not isinstance(value, list) or not all(isinstance(m, Mapping) for m in value):
-        raise RowSkipped("not_a_message_list")
-    if not value:
-        raise RowSkipped("empty_content")
-    messages = []
-    for m in value:
-        role = m.get("role")
-        if role not in _ROLES:
-            raise RowSkipped("unknown_role")
-        messages.append({"role": str(role), "content": _text(m.get("content"))})
-    return messages
+    return message_list(value, text=_text)
 
 
 def _text(value: Any) -> str:
