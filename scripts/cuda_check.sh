@@ -16,16 +16,23 @@ python=${PYTHON:-python3}
 mkdir -p "$out"
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
+# Without CUDA every test would be skipped and pytest would still pass: refuse instead.
+$python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" || {
+    echo "cuda_check: $python cannot use a CUDA device (no torch, or torch.cuda.is_available() is False); nothing checked" >&2
+    exit 1
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 $python -c "import torch, transformers, peft; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$out/device.txt"
 
 base=()
 if [ -n "$model" ]; then
-    if compgen -G "$model/*.safetensors" >/dev/null; then
+    if compgen -G "$model/*.safetensors" >/dev/null || compgen -G "$model/pytorch_model*.bin" >/dev/null; then
         base=(--base "$model")
     else
-        weights=$(mktemp -d)/model
+        scratch=$(mktemp -d)
+        trap 'rm -rf "$scratch"' EXIT
+        weights=$scratch/model
         $python - "$model" "$weights" <<'EOF' || exit 1
 import shutil, sys
 

@@ -92,10 +92,9 @@ def test_every_builtin_loss_trains_as_on_the_cpu_in_float32(
         torch.testing.assert_close(tensor, cpu_adapter[name], atol=1e-4, rtol=1e-3)
 
 
-def test_long_batches_take_the_vocabulary_in_slices_on_cuda_as_on_the_cpu(
-    tmp_path: Path, tiny_model_dir: Path
-) -> None:
-    """More graded positions than ``MIN_ROWS``: the sliced log-sum-exp runs on the device."""
+def test_long_batches_on_cuda_match_the_cpus_sliced_vocabulary(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """More graded positions than ``MIN_ROWS``: the CPU walks the vocabulary in slices, CUDA takes the
+    whole logits (slices are for a CPU's cache); the two agree."""
     rows = _rows(1, 4, MIN_ROWS // 4 + 20, prefix=0)
     data = [
         types.Datum(
@@ -215,5 +214,6 @@ def test_bfloat16_is_the_cuda_default_and_tracks_float32(tmp_path: Path, tiny_mo
     params = types.SamplingParams(max_tokens=10, temperature=0.0, stop=[])
     sequence = sampler.sample(types.ModelInput.from_ints(prompt), 1, params).result().sequences[0]
     scored = sampler.compute_logprobs(types.ModelInput.from_ints([*prompt, *sequence.tokens])).result()
+    assert sequence.logprobs is not None
     # The cached decode and the full forward round differently in bfloat16; a wrong cache is off by nats.
     assert max(abs(a - b) for a, b in zip(sequence.logprobs, scored[len(prompt) :], strict=True)) < 0.1
