@@ -33,7 +33,6 @@ rows whose tokens equal ``generate``'s exactly; the first differing position of 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import targets
 import torch
 from tinker import types
 
@@ -183,26 +183,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each contender (best taken)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--skip-batch-1", action="store_true", help="time only the batched runs")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--base", default=None, help="a local checkpoint (default: the packaged model)")
+    targets.add_arguments(parser)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here")
+    device = targets.device(parser, args)
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from kitchen.models.base import DEFAULT_MODEL, resolve_base_model
     from resources.local_engine import LocalServiceClient
-    from resources.local_engine.runtime import check_model_dir, load_model
+    from resources.local_engine.runtime import load_model
 
-    if args.base is None:
-        base_dir, name = Path(resolve_base_model(DEFAULT_MODEL).backend_model), DEFAULT_MODEL
-    else:
-        base_dir, name = check_model_dir(args.base), args.base
+    base_dir, name = targets.base_model(parser, args)
     with tempfile.TemporaryDirectory() as root:
         client = LocalServiceClient(
             root=Path(root), device=args.device, dtype=args.dtype
@@ -213,20 +205,12 @@ def main() -> None:
         model = load_model(base_dir, getattr(torch, args.dtype))
         model.to(device).eval()
         rows = prompts(tokenizer, args.batch, args.long)
-        load = (float("nan"),) * 3
-        with contextlib.suppress(OSError):
-            load = os.getloadavg()
         lengths = sorted(len(r) for r in rows)
-        where = (
-            f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs"
-            if device.type == "cpu"
-            else torch.cuda.get_device_name(device)
-        )
         print(
-            f"# {name}, {args.dtype}, {where}, "
+            f"# {name}, {args.dtype}, {targets.hardware(device)}, "
             f"greedy, max_new_tokens {args.max_new_tokens}, {len(rows)} prompts of {lengths[0]} to "
-            f"{lengths[-1]} tokens ({args.long} open questions), load average {load[0]:.2f} {load[1]:.2f} "
-            f"{load[2]:.2f} at start, torch {torch.__version__}"
+            f"{lengths[-1]} tokens ({args.long} open questions), load average {targets.load_average()} "
+            f"at start, torch {torch.__version__}"
         )
         max_new = args.max_new_tokens
         contenders: list[tuple[str, Callable[[list[list[int]]], Outputs]]] = [

@@ -41,7 +41,6 @@ checkpointing off, its fastest configuration here.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
 import statistics
@@ -52,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import targets
 import torch
 from tinker import types
 
@@ -393,9 +393,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--skip-trl", action="store_true", help="run without TRL (the bench extra)")
     parser.add_argument("--only", default=None, help="comma-separated contenders: engine,peft,trl,trl-nockpt")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--base", default=None, help="a local checkpoint (default: the packaged model)")
+    targets.add_arguments(parser)
     parser.add_argument("--long-shape", default="8x256", help="sequences x tokens of the long workload")
     parser.add_argument(
         "--max-batch-tokens",
@@ -408,9 +406,7 @@ def main() -> None:
         long_rows, long_length = (int(v) for v in args.long_shape.lower().split("x"))
     except ValueError:
         parser.error(f"--long-shape must look like 8x256, got {args.long_shape!r}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here")
+    device = targets.device(parser, args)
     target = Target(device, getattr(torch, args.dtype))
 
     if args.threads is not None:
@@ -422,27 +418,16 @@ def main() -> None:
             raise SystemExit("TRL is not installed: pip install -e '.[bench]' (or pass --skip-trl)") from None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from kitchen.models.base import DEFAULT_MODEL, resolve_base_model
-    from resources.local_engine.runtime import check_model_dir, load_tokenizer
+    from resources.local_engine.runtime import load_tokenizer
 
-    if args.base is None:
-        base = resolve_base_model(DEFAULT_MODEL)
-        base_dir, name, params = Path(base.backend_model), DEFAULT_MODEL, int(base.num_parameters or 0)
-    else:
-        base_dir, name = check_model_dir(args.base), args.base
-        params = count_parameters(base_dir)
+    base_dir, name = targets.base_model(parser, args)
+    params = count_parameters(base_dir)
     tokenizer = load_tokenizer(base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with contextlib.suppress(OSError):
-        load = os.getloadavg()
-    where = (
-        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs"
-        if device.type == "cpu"
-        else torch.cuda.get_device_name(device)
-    )
     print(
-        f"# {name} ({params / 1e6:.1f}M params), LoRA rank {RANK} all linear layers, {args.dtype}, {where}, "
-        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start, torch {torch.__version__}"
+        f"# {name} ({params / 1e6:.1f}M params), LoRA rank {RANK} all linear layers, {args.dtype}, "
+        f"{targets.hardware(device)}, load average {targets.load_average()} at start, "
+        f"torch {torch.__version__}"
     )
 
     contenders: list[tuple[str, Callable[[Batches], Result]]] = [
@@ -476,9 +461,7 @@ def main() -> None:
             params,
             target,
         )
-    with contextlib.suppress(OSError):
-        load = os.getloadavg()
-        print(f"\nload average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"\nload average at end: {targets.load_average()}")
 
 
 if __name__ == "__main__":
